@@ -1,0 +1,80 @@
+"""The one exception tree of execbox.
+
+Exceptions are for execbox's own faults. What happens to the user's program (an
+exception, a timeout, an OOM kill, a disallowed syscall) is data in
+``ExecutionResult.status``, never an exception.
+
+::
+
+    ExecboxError
+    ├── ConfigurationError          a setting is malformed or inconsistent (stops start-up)
+    ├── BackendUnavailableError     an isolation backend cannot work on this host (says why / how to fix)
+    ├── RuntimeEnvironmentError     a runtime environment is missing or broken (run `execbox build`)
+    ├── SandboxError                a sandbox could not be built, driven or torn down
+    │   ├── SandboxStartError       the sandbox or its driver did not come up
+    │   └── SandboxProtocolError    the driver broke the host <-> driver protocol
+    ├── PoolError
+    │   ├── PoolBusyError           no sandbox became free within the wait time
+    │   └── PoolClosedError         the pool is shutting down
+    └── BadRequestError             a request is invalid (unknown language, limits above maxima...)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "BadRequestError",
+    "ConfigurationError",
+    "ExecboxError",
+    "PoolBusyError",
+    "PoolClosedError",
+    "PoolError",
+    "RuntimeEnvironmentError",
+    "SandboxError",
+    "SandboxProtocolError",
+    "SandboxStartError",
+]
+
+
+class ExecboxError(Exception):
+    """Root of every exception raised by execbox itself."""
+
+
+class ConfigurationError(ExecboxError):
+    """A setting is malformed; the message names the variable, the value and the accepted form."""
+
+
+class BackendUnavailableError(ExecboxError):
+    """An isolation backend cannot run on this host; the message says why and how to fix it."""
+
+
+class RuntimeEnvironmentError(ExecboxError):
+    """A language runtime environment is missing or broken."""
+
+
+class SandboxError(ExecboxError):
+    """A sandbox could not be built, driven or torn down."""
+
+
+class SandboxStartError(SandboxError):
+    """The sandbox or the driver inside it did not come up."""
+
+
+class SandboxProtocolError(SandboxError):
+    """The driver inside a sandbox broke the host <-> driver protocol."""
+
+
+class PoolError(ExecboxError):
+    """A sandbox pool could not serve a lease."""
+
+
+class PoolBusyError(PoolError):
+    """No sandbox became free within the wait time."""
+
+
+class PoolClosedError(PoolError):
+    """The pool is shutting down and takes no more leases."""
+
+
+class BadRequestError(ExecboxError):
+    """A request is invalid (unknown language, limits above the server's maxima...)."""

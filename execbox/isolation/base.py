@@ -1,0 +1,139 @@
+"""The isolation interface: a backend builds sandboxes from a SandboxSpec.
+
+A :class:`Sandbox` is one isolated, started environment with a driver waiting inside.
+It is used for exactly one execution, then destroyed. A backend *applies* isolation;
+it does not decide policy: every capability arrives as a named field of the spec.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from execbox.models import ExecutionRequest, Limits
+from execbox.runtimes import Runtime
+
+__all__ = ["DriverReport", "IsolationBackend", "Mount", "RunOutcome", "Sandbox", "SandboxSpec"]
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path seen read-only (unless ``writable``) at ``target`` inside the sandbox."""
+
+    source: Path
+    target: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Every isolation capability of one sandbox, each a named field with its unit."""
+
+    runtime: Runtime
+    #: host directory with the runtime's built environment, seen at RUNTIME_MOUNT
+    runtime_env_dir: Path
+    memory_bytes: int
+    wall_time_s: float
+    pids_max: int
+    cpus: float
+    workspace_bytes: int
+    tmp_bytes: int
+    output_bytes: int
+    uid: int = 65534
+    network: bool = False
+    #: the built-in syscall filter (namespaces backend) is always on; this is the Docker-format profile
+    seccomp_profile: Path | None = None
+    open_files_max: int = 256
+    file_size_max_bytes: int = 64 << 20
+    mounts: tuple[Mount, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = 30.0
+
+    def limits(self) -> Limits:
+        return Limits(
+            wall_time_s=self.wall_time_s,
+            memory_bytes=self.memory_bytes,
+            output_bytes=self.output_bytes,
+            pids_max=self.pids_max,
+            disk_bytes=self.workspace_bytes,
+            cpus=self.cpus,
+        )
+
+
+@dataclass(frozen=True)
+class DriverReport:
+    """What the driver said when the program finished (absent if it died first)."""
+
+    exit_code: int
+    result: dict[str, Any] | None
+    error_kind: str | None
+    time_ms: float | None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """The raw facts of one run, before classification into a verdict."""
+
+    stdout: bytes
+    stderr: bytes
+    report: DriverReport | None
+    #: the process's exit status when it exited by itself, else None
+    exit_code: int | None
+    #: the signal that ended the program, when one did
+    signal: int | None
+    timed_out: bool = False
+    output_capped: bool = False
+    oom_killed: bool = False
+    wall_time_ms: float = 0.0
+    memory_peak_bytes: int | None = None
+    cpu_time_ms: float | None = None
+
+
+class Sandbox(abc.ABC):
+    """One started sandbox with a driver waiting inside; used once, then destroyed."""
+
+    backend_name: ClassVar[str]
+
+    def __init__(self, spec: SandboxSpec, sandbox_id: str) -> None:
+        self.spec = spec
+        self.id = sandbox_id
+
+    @abc.abstractmethod
+    def run(self, request: ExecutionRequest, limits: Limits) -> RunOutcome:
+        """Send the request to the driver and wait for the outcome (blocking)."""
+
+    @abc.abstractmethod
+    def open_workspace(self) -> int:
+        """A host-side O_DIRECTORY fd of the live sandbox's working directory (caller closes)."""
+
+    @abc.abstractmethod
+    def alive(self) -> bool:
+        """Whether the sandbox is still usable (its driver waits for a request)."""
+
+    @abc.abstractmethod
+    def destroy(self) -> None:
+        """Kill everything inside and release every host resource; idempotent."""
+
+
+class IsolationBackend(abc.ABC):
+    """A way to build sandboxes (namespaces, gvisor, ...)."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise BackendUnavailableError saying why and how to fix it if this host cannot run it."""
+
+    @abc.abstractmethod
+    def create(self, spec: SandboxSpec) -> Sandbox:
+        """Build and start one sandbox; returns once its driver is ready (blocking)."""
+
+    @abc.abstractmethod
+    def reap(self) -> int:
+        """Remove what a crashed service left behind; returns how many items were reaped."""
+
+    def close(self) -> None:
+        """Release backend-wide resources."""

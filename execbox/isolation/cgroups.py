@@ -1,0 +1,253 @@
+"""Per-sandbox cgroups: memory, pids and CPU limits, OOM detection, peak usage, kill-all.
+
+cgroup v2 is used where the kernel offers its controllers at ``/sys/fs/cgroup``;
+otherwise the v1 hierarchies (``memory``, ``pids``, ``cpu``, ``cpuacct``, ``freezer``).
+Every sandbox cgroup lives under one ``execbox`` parent so that start-up can reap what
+a crashed service left behind.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+from execbox.errors import BackendUnavailableError, SandboxError
+
+__all__ = ["Cgroup", "CgroupManager"]
+
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
+_CPU_PERIOD_US = 100_000
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as exc:
+        raise SandboxError(f"cannot write {value!r} to {path}: {exc.strerror}") from exc
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _field(text: str, key: str) -> int | None:
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+class Cgroup(abc.ABC):
+    """One sandbox's cgroup (in every hierarchy it needs)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abc.abstractmethod
+    def attach(self, pid: int) -> None: ...
+
+    @abc.abstractmethod
+    def set_memory_limit(self, memory_bytes: int) -> None: ...
+
+    @abc.abstractmethod
+    def oom_kills(self) -> int: ...
+
+    @abc.abstractmethod
+    def memory_peak_bytes(self) -> int | None: ...
+
+    @abc.abstractmethod
+    def cpu_time_ms(self) -> float | None: ...
+
+    @abc.abstractmethod
+    def pids(self) -> list[int]: ...
+
+    @abc.abstractmethod
+    def _dirs(self) -> list[Path]: ...
+
+    def kill_all(self, timeout_s: float = 5.0) -> None:
+        """SIGKILL every process in the cgroup until it is empty."""
+        deadline = time.monotonic() + timeout_s
+        while pids := self.pids():
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                raise SandboxError(f"cgroup {self.name} still holds processes {pids} after SIGKILL")
+            time.sleep(0.002)
+
+    def remove(self) -> None:
+        """Kill what is left and remove the cgroup directories; idempotent."""
+        self.kill_all()
+        for path in self._dirs():
+            for _ in range(200):
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        raise SandboxError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
+                    time.sleep(0.005)
+
+
+class _CgroupV1(Cgroup):
+    def __init__(self, name: str, dirs: dict[str, Path]) -> None:
+        super().__init__(name)
+        self._by_controller = dirs
+
+    def _dirs(self) -> list[Path]:
+        return list(dict.fromkeys(self._by_controller.values()))
+
+    def attach(self, pid: int) -> None:
+        for path in self._dirs():
+            _write(path / "cgroup.procs", str(pid))
+
+    def set_memory_limit(self, memory_bytes: int) -> None:
+        mem = self._by_controller["memory"]
+        _write(mem / "memory.limit_in_bytes", str(memory_bytes))
+        if (mem / "memory.memsw.limit_in_bytes").exists():
+            _write(mem / "memory.memsw.limit_in_bytes", str(memory_bytes))
+
+    def oom_kills(self) -> int:
+        return _field(_read(self._by_controller["memory"] / "memory.oom_control"), "oom_kill") or 0
+
+    def memory_peak_bytes(self) -> int | None:
+        text = _read(self._by_controller["memory"] / "memory.max_usage_in_bytes").strip()
+        return int(text) if text.isdigit() else None
+
+    def cpu_time_ms(self) -> float | None:
+        path = self._by_controller.get("cpuacct")
+        text = _read(path / "cpuacct.usage").strip() if path else ""
+        return int(text) / 1e6 if text.isdigit() else None
+
+    def pids(self) -> list[int]:
+        found: set[int] = set()
+        for path in self._dirs():
+            found.update(int(p) for p in _read(path / "cgroup.procs").split())
+        return sorted(found)
+
+
+class _CgroupV2(Cgroup):
+    def __init__(self, name: str, path: Path) -> None:
+        super().__init__(name)
+        self.path = path
+
+    def _dirs(self) -> list[Path]:
+        return [self.path]
+
+    def attach(self, pid: int) -> None:
+        _write(self.path / "cgroup.procs", str(pid))
+
+    def set_memory_limit(self, memory_bytes: int) -> None:
+        _write(self.path / "memory.max", str(memory_bytes))
+        if (self.path / "memory.swap.max").exists():
+            _write(self.path / "memory.swap.max", "0")
+
+    def oom_kills(self) -> int:
+        return _field(_read(self.path / "memory.events"), "oom_kill") or 0
+
+    def memory_peak_bytes(self) -> int | None:
+        text = _read(self.path / "memory.peak").strip()
+        return int(text) if text.isdigit() else None
+
+    def cpu_time_ms(self) -> float | None:
+        usage = _field(_read(self.path / "cpu.stat"), "usage_usec")
+        return usage / 1000 if usage is not None else None
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in _read(self.path / "cgroup.procs").split()]
+
+    def kill_all(self, timeout_s: float = 5.0) -> None:
+        if (self.path / "cgroup.kill").exists() and self.pids():
+            _write(self.path / "cgroup.kill", "1")
+        super().kill_all(timeout_s)
+
+
+class CgroupManager:
+    """Creates sandbox cgroups under one ``execbox`` parent, v2 where offered, else v1."""
+
+    def __init__(self, root: Path = Path("/sys/fs/cgroup"), parent: str = "execbox") -> None:
+        self.root = root
+        self.parent = parent
+        controllers = _read(root / "cgroup.controllers").split()
+        self.version = 2 if {"memory", "pids", "cpu"} <= set(controllers) else 1
+
+    def check(self) -> None:
+        """Raise BackendUnavailableError unless sandbox cgroups can be created here."""
+        if os.geteuid() != 0:
+            raise BackendUnavailableError("cgroups need root: run the service as root")
+        if self.version == 1:
+            missing = [c for c in ("memory", "pids", "cpu") if not (self.root / c / "cgroup.procs").exists()]
+            if missing:
+                raise BackendUnavailableError(
+                    f"cgroup controllers {missing} are not mounted under {self.root}; "
+                    "mount cgroup v2 or the v1 memory, pids and cpu hierarchies"
+                )
+        probe = self.create("probe-%d" % os.getpid(), 64 << 20, 16, 1.0)
+        probe.remove()
+
+    def _v1_dirs(self, name: str) -> dict[str, Path]:
+        dirs = {}
+        for controller in _V1_CONTROLLERS:
+            base = self.root / controller
+            if (base / "cgroup.procs").exists():
+                dirs[controller] = base.resolve() / self.parent / name
+        return dirs
+
+    def create(self, name: str, memory_bytes: int, pids_max: int, cpus: float) -> Cgroup:
+        quota_us = max(1000, int(cpus * _CPU_PERIOD_US))
+        if self.version == 2:
+            parent = self.root / self.parent
+            parent.mkdir(exist_ok=True)
+            _write(self.root / "cgroup.subtree_control", "+memory +pids +cpu")
+            _write(parent / "cgroup.subtree_control", "+memory +pids +cpu")
+            path = parent / name
+            path.mkdir()
+            group: Cgroup = _CgroupV2(name, path)
+            _write(path / "pids.max", str(pids_max))
+            _write(path / "cpu.max", f"{quota_us} {_CPU_PERIOD_US}")
+        else:
+            dirs = self._v1_dirs(name)
+            for path in dict.fromkeys(dirs.values()):
+                path.mkdir(parents=True)
+            group = _CgroupV1(name, dirs)
+            _write(dirs["pids"] / "pids.max", str(pids_max))
+            if "cpu" in dirs:
+                _write(dirs["cpu"] / "cpu.cfs_period_us", str(_CPU_PERIOD_US))
+                _write(dirs["cpu"] / "cpu.cfs_quota_us", str(quota_us))
+        try:
+            group.set_memory_limit(memory_bytes)
+        except SandboxError:
+            group.remove()
+            raise
+        return group
+
+    def reap(self) -> int:
+        """Kill and remove every sandbox cgroup left under the parent (after a crash)."""
+        reaped = 0
+        parents = [self.root / self.parent] if self.version == 2 else [
+            p.parent for p in self._v1_dirs("x").values()
+        ]
+        names: set[str] = set()
+        for parent in parents:
+            if parent.is_dir():
+                names.update(p.name for p in parent.iterdir() if p.is_dir())
+        for name in sorted(names):
+            group: Cgroup = (
+                _CgroupV2(name, self.root / self.parent / name)
+                if self.version == 2
+                else _CgroupV1(name, self._v1_dirs(name))
+            )
+            group.remove()
+            reaped += 1
+        return reaped

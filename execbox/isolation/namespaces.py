@@ -1,0 +1,387 @@
+"""The ``namespaces`` backend: bubblewrap sandboxes with seccomp, cgroups and rlimits.
+
+Each sandbox: new user, mount, PID, network, IPC, UTS and cgroup namespaces (bwrap
+``--unshare-all``); a read-only root of read-only binds (``/usr``, a synthesized
+``/etc``, the runtime environment, the driver) plus size-capped tmpfs ``/workspace``,
+``/tmp`` and ``/dev/shm``; an unprivileged host uid of its own (one per live sandbox,
+so per-uid limits never couple two sandboxes); no capabilities; no_new_privs; the
+built-in seccomp filter; a cgroup with memory, pids and CPU limits; rlimits (core 0,
+file size, open files, processes, set by prlimit(1) before bwrap starts). bwrap runs
+unprivileged as the sandbox's uid; the host puts the sandbox's init into its cgroup
+while bwrap waits on ``--block-fd``, before any user code exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
+from execbox.isolation.base import IsolationBackend, RunOutcome, Sandbox, SandboxSpec
+from execbox.isolation.cgroups import Cgroup, CgroupManager
+from execbox.isolation.protocol import FrameReader, encode_request
+from execbox.isolation.seccomp import build_filter_fd
+from execbox.isolation.supervise import supervise, wait_ready
+from execbox.models import ExecutionRequest, Limits
+from execbox.runtimes import CONTROL_FD_ENV, DRIVER_MOUNT, EVENTS_FD_ENV, RUNTIME_MOUNT, WORKSPACE
+
+__all__ = ["NamespacesBackend", "NamespacesSandbox", "UidAllocator"]
+
+_BWRAP = "/usr/bin/bwrap"
+_PRLIMIT = "/usr/bin/prlimit"
+_ETC_FILES_FROM_HOST = ("ld.so.cache", "localtime", "mime.types")
+_ETC_DIRS_FROM_HOST = ("ssl", "alternatives", "fonts")
+
+
+class UidAllocator:
+    """Hands out one host uid per live sandbox from a fixed range (thread-safe)."""
+
+    def __init__(self, base: int, count: int) -> None:
+        self._free = list(range(base + count - 1, base - 1, -1))
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise SandboxStartError("no free sandbox uid; raise SANDBOX_UID_COUNT")
+            return self._free.pop()
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            self._free.append(uid)
+
+
+class NamespacesSandbox(Sandbox):
+    backend_name = "namespaces"
+
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        sandbox_id: str,
+        *,
+        process: subprocess.Popen[bytes],
+        init_pidfd: int,
+        init_pid: int,
+        cgroup: Cgroup,
+        fds: dict[str, int],
+        reader: FrameReader,
+        release: contextlib.ExitStack,
+    ) -> None:
+        super().__init__(spec, sandbox_id)
+        self._process = process
+        self._init_pidfd = init_pidfd
+        self.init_pid = init_pid
+        self.cgroup = cgroup
+        self._fds = fds
+        self._reader = reader
+        self._release = release
+        self._used = False
+        self._destroyed = False
+        self._lock = threading.Lock()
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+
+    def alive(self) -> bool:
+        return not self._used and not self._destroyed and self._process.poll() is None
+
+    def run(self, request: ExecutionRequest, limits: Limits) -> RunOutcome:
+        if self._used or self._destroyed:
+            raise SandboxError(f"sandbox {self.id} was already used")
+        self._used = True
+        if limits.memory_bytes < self.spec.memory_bytes:
+            self.cgroup.set_memory_limit(limits.memory_bytes)
+        seen = supervise(
+            control_fd=self._fds["control"],
+            events_fd=self._fds["events"],
+            stdout_fd=self._fds["stdout"],
+            stderr_fd=self._fds["stderr"],
+            payload=encode_request(request),
+            wall_time_s=min(limits.wall_time_s, self.spec.wall_time_s),
+            output_bytes=min(limits.output_bytes, self.spec.output_bytes),
+            kill=self._kill,
+            reader=self._reader,
+        )
+        exit_code = signal_number = None
+        if seen.report is None:
+            try:
+                status = self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._kill()
+                status = self._process.wait(timeout=5)
+            # bwrap exits with the program's status, or 128 + the signal that ended it
+            if status > 128 and not seen.timed_out and not seen.output_capped:
+                signal_number = status - 128
+            elif status >= 0:
+                exit_code = status
+        return RunOutcome(
+            stdout=seen.stdout,
+            stderr=seen.stderr,
+            report=seen.report,
+            exit_code=exit_code,
+            signal=signal_number,
+            timed_out=seen.timed_out,
+            output_capped=seen.output_capped,
+            oom_killed=self.cgroup.oom_kills() > 0,
+            wall_time_ms=seen.wall_time_ms,
+            memory_peak_bytes=self.cgroup.memory_peak_bytes(),
+            cpu_time_ms=self.cgroup.cpu_time_ms(),
+        )
+
+    def open_workspace(self) -> int:
+        """Open the live sandbox's workspace through its init's root, following no symlink."""
+        root = os.open(f"/proc/{self.init_pid}/root", os.O_PATH | os.O_DIRECTORY)
+        try:
+            if self._process.poll() is not None:
+                raise SandboxError(f"sandbox {self.id} has ended; its workspace is gone")
+            return os.open(WORKSPACE.lstrip("/"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+        finally:
+            os.close(root)
+
+    def destroy(self) -> None:
+        with self._lock:
+            if self._destroyed:
+                return
+            self._destroyed = True
+        try:
+            self._kill()
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired as exc:
+                raise SandboxError(f"bwrap of sandbox {self.id} did not exit after SIGKILL") from exc
+        finally:
+            self._release.close()
+
+
+class NamespacesBackend(IsolationBackend):
+    """Builds bubblewrap sandboxes; see the module docstring for what each one gets."""
+
+    name = "namespaces"
+
+    def __init__(self, state_dir: Path, uid_base: int, uid_count: int, cgroups: CgroupManager | None = None) -> None:
+        self._state_dir = state_dir / "namespaces"
+        self._uids = UidAllocator(uid_base, uid_count)
+        self._uid_range = (uid_base, uid_count)
+        self._cgroups = cgroups or CgroupManager()
+        self._filters: dict[bool, bytes] = {}
+        self._etc_dir: Path | None = None
+        self._lock = threading.Lock()
+
+    # -- host checks -----------------------------------------------------------------
+
+    def check(self) -> None:
+        if not Path(_BWRAP).exists():
+            raise BackendUnavailableError("bubblewrap is not installed: apt-get install bubblewrap")
+        if os.geteuid() != 0:
+            raise BackendUnavailableError("the namespaces backend needs root (cgroups, per-sandbox uids)")
+        if not Path(_PRLIMIT).exists():
+            raise BackendUnavailableError("prlimit is missing: apt-get install util-linux")
+        self._cgroups.check()
+        self._filter(network=False)
+        probe = subprocess.run(
+            [_BWRAP, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
+             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "/usr/bin/true"],
+            user=self._uid_range[0] + self._uid_range[1] - 1, group=self._uid_range[0] + self._uid_range[1] - 1,
+            extra_groups=[], capture_output=True, env={}, timeout=30, check=False,
+        )
+        if probe.returncode != 0:
+            raise BackendUnavailableError(
+                "bwrap cannot create an unprivileged user namespace: "
+                f"{probe.stderr.decode(errors='replace').strip()}; enable it with "
+                "sysctl -w kernel.unprivileged_userns_clone=1 (Debian) or "
+                "sysctl -w user.max_user_namespaces=15000"
+            )
+
+    def _filter(self, network: bool) -> bytes:
+        with self._lock:
+            if network not in self._filters:
+                fd = build_filter_fd(network)
+                try:
+                    self._filters[network] = os.read(fd, 1 << 20)
+                finally:
+                    os.close(fd)
+            return self._filters[network]
+
+    def _etc(self) -> Path:
+        """A minimal /etc for sandboxes: users, hosts, and the host's loader cache and certificates."""
+        with self._lock:
+            if self._etc_dir is not None:
+                return self._etc_dir
+            etc = self._state_dir / "etc"
+            shutil.rmtree(etc, ignore_errors=True)
+            etc.mkdir(parents=True)
+            base, count = self._uid_range
+            users = [f"sandbox{uid - base}:x:{uid}:{uid}:sandbox:/tmp:/usr/sbin/nologin" for uid in range(base, base + count)]
+            (etc / "passwd").write_text("\n".join(["root:x:0:0:root:/root:/usr/sbin/nologin", *users]) + "\n")
+            groups = [f"sandbox{gid - base}:x:{gid}:" for gid in range(base, base + count)]
+            (etc / "group").write_text("\n".join(["root:x:0:", *groups]) + "\n")
+            (etc / "hosts").write_text("127.0.0.1 localhost sandbox\n::1 localhost sandbox\n")
+            (etc / "hostname").write_text("sandbox\n")
+            (etc / "nsswitch.conf").write_text("passwd: files\ngroup: files\nhosts: files dns\n")
+            for name in _ETC_FILES_FROM_HOST:
+                if Path("/etc", name).is_file():
+                    shutil.copyfile(Path("/etc", name), etc / name)
+            for name in _ETC_DIRS_FROM_HOST:
+                (etc / name).mkdir(exist_ok=True)
+            self._etc_dir = etc
+            return etc
+
+    # -- sandboxes -------------------------------------------------------------------
+
+    def _bwrap_argv(self, spec: SandboxSpec, fds: dict[str, int]) -> list[str]:
+        # rlimits are set by prlimit(1), already running as the sandbox uid, then inherited
+        argv = [
+            _PRLIMIT,
+            f"--nproc={spec.pids_max}",
+            "--core=0",
+            f"--fsize={spec.file_size_max_bytes}",
+            f"--nofile={spec.open_files_max}",
+            "--",
+        ]
+        argv += [_BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
+        if spec.network:
+            argv.append("--share-net")
+        argv += ["--ro-bind", "/usr", "/usr"]
+        for name in ("bin", "lib", "lib64", "sbin"):
+            host = Path("/", name)
+            if host.is_symlink():
+                argv += ["--symlink", os.readlink(host), f"/{name}"]
+            elif host.is_dir():
+                argv += ["--ro-bind", str(host), f"/{name}"]
+        argv += ["--ro-bind", str(self._etc()), "/etc"]
+        for name in _ETC_DIRS_FROM_HOST:
+            if Path("/etc", name).is_dir():
+                argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+        argv += ["--proc", "/proc", "--dev", "/dev"]
+        argv += ["--size", str(spec.tmp_bytes), "--tmpfs", "/tmp"]
+        argv += ["--size", str(spec.tmp_bytes), "--tmpfs", "/dev/shm"]
+        argv += ["--size", str(spec.workspace_bytes), "--tmpfs", WORKSPACE]
+        argv += ["--ro-bind", str(spec.runtime_env_dir), RUNTIME_MOUNT]
+        argv += ["--ro-bind", str(spec.runtime.driver_path), f"{DRIVER_MOUNT}/{spec.runtime.driver_path.name}"]
+        for mount in spec.mounts:
+            argv += ["--bind" if mount.writable else "--ro-bind", str(mount.source), mount.target]
+        argv += ["--remount-ro", "/", "--chdir", WORKSPACE, "--clearenv"]
+        for key, value in spec.env.items():
+            argv += ["--setenv", key, value]
+        argv += ["--setenv", CONTROL_FD_ENV, str(fds["control_r"]), "--setenv", EVENTS_FD_ENV, str(fds["events_w"])]
+        argv += ["--seccomp", str(fds["seccomp"]), "--info-fd", str(fds["info_w"]), "--block-fd", str(fds["block_r"])]
+        return [*argv, "--", *spec.runtime.argv()]
+
+    def create(self, spec: SandboxSpec) -> Sandbox:
+        if not spec.runtime_env_dir.is_dir():
+            raise SandboxStartError(
+                f"the {spec.runtime.name} runtime environment {spec.runtime_env_dir} is missing; run `execbox build`"
+            )
+        sandbox_id = f"ns-{uuid.uuid4().hex[:12]}"
+        with contextlib.ExitStack() as stack:
+            uid = self._uids.acquire()
+            stack.callback(self._uids.release, uid)
+            cgroup = self._cgroups.create(sandbox_id, spec.memory_bytes, spec.pids_max, spec.cpus)
+            stack.callback(cgroup.remove)
+            fds: dict[str, int] = {}
+            stack.callback(_close_all, fds)
+
+            def pipe(read_name: str, write_name: str) -> None:
+                fds[read_name], fds[write_name] = os.pipe()
+
+            pipe("control_r", "control")  # host -> driver
+            pipe("events", "events_w")  # driver -> host
+            pipe("stdout", "stdout_w")
+            pipe("stderr", "stderr_w")
+            pipe("info", "info_w")
+            pipe("block_r", "block")
+            fds["seccomp"] = os.memfd_create("execbox-seccomp")
+            os.write(fds["seccomp"], self._filter(spec.network))
+            os.lseek(fds["seccomp"], 0, os.SEEK_SET)
+            argv = self._bwrap_argv(spec, fds)
+            try:
+                process = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fds["stdout_w"],
+                    stderr=fds["stderr_w"],
+                    pass_fds=(fds["seccomp"], fds["info_w"], fds["block_r"], fds["control_r"], fds["events_w"]),
+                    user=uid,
+                    group=uid,
+                    extra_groups=[],
+                    env={},
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise SandboxStartError(f"cannot start bwrap for sandbox {sandbox_id}: {exc}") from exc
+            stack.callback(_kill_process, process)
+            for name in ("control_r", "events_w", "stdout_w", "stderr_w", "info_w", "block_r", "seccomp"):
+                os.close(fds.pop(name))
+            init_pid = self._read_child_pid(fds["info"], process, sandbox_id)
+            fds["init_pidfd"] = init_pidfd = os.pidfd_open(init_pid)
+            cgroup.attach(init_pid)
+            os.write(fds["block"], b"1")
+            os.close(fds.pop("block"))
+            reader = FrameReader()
+            try:
+                wait_ready(fds["events"], spec.startup_timeout_s, reader)
+            except SandboxError as exc:
+                stderr = _read_available(fds["stderr"])
+                raise SandboxStartError(f"sandbox {sandbox_id} did not start: {exc}; stderr: {stderr}") from exc
+            release = stack.pop_all()
+        return NamespacesSandbox(
+            spec,
+            sandbox_id,
+            process=process,
+            init_pidfd=init_pidfd,
+            init_pid=init_pid,
+            cgroup=cgroup,
+            fds=fds,
+            reader=reader,
+            release=release,
+        )
+
+    @staticmethod
+    def _read_child_pid(info_fd: int, process: subprocess.Popen[bytes], sandbox_id: str) -> int:
+        data = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            chunk = os.read(info_fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+            with contextlib.suppress(ValueError):
+                return int(json.loads(data)["child-pid"])
+        process.poll()
+        raise SandboxStartError(f"bwrap of sandbox {sandbox_id} gave no child pid (exit {process.returncode})")
+
+    def reap(self) -> int:
+        return self._cgroups.reap()
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    """Close every fd left in ``fds`` exactly once (the dict is emptied)."""
+    while fds:
+        _, fd = fds.popitem()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _kill_process(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    process.wait()
+
+
+def _read_available(fd: int) -> str:
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 4096).decode(errors="replace").strip()
+    except OSError:
+        return ""

@@ -1,0 +1,75 @@
+"""The built-in syscall filter of the namespaces backend (libseccomp through pyseccomp).
+
+Default allow, with three kinds of denial:
+
+* kill the process (verdict ``disallowed_syscall``, seen as SIGSYS): syscalls that only
+  an escape or a host attack needs — ptrace, mount family, namespaces, bpf, keyrings,
+  perf, kexec and modules, reboot, clock setting, handle-based opens, userfaultfd,
+  cross-process memory access, and ``clone`` with namespace flags;
+* fail with ENOSYS, so that runtimes fall back cleanly: ``io_uring_*`` (libuv uses it
+  when present) and ``clone3`` (glibc then uses ``clone``, whose flags can be checked);
+* fail with EAFNOSUPPORT: ``socket``/``socketpair`` of any family but AF_UNIX (only
+  when the network is off).
+
+Architectures other than the native one are killed (no x32 / i386 side door).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import tempfile
+
+from execbox.errors import BackendUnavailableError
+
+__all__ = ["KILLED_SYSCALLS", "NAMESPACE_CLONE_FLAGS", "build_filter_fd"]
+
+KILLED_SYSCALLS: tuple[str, ...] = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
+    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsconfig",
+    "fsmount", "fspick", "mount_setattr",
+    "unshare", "setns",
+    "bpf", "perf_event_open", "userfaultfd",
+    "keyctl", "add_key", "request_key",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "reboot", "swapon", "swapoff", "acct", "quotactl", "syslog", "vhangup",
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+    "open_by_handle_at", "name_to_handle_at", "lookup_dcookie", "fanotify_init",
+    "iopl", "ioperm", "uselib", "personality",
+)
+_ENOSYS_SYSCALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register", "clone3")
+#: CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET (clone's low byte is the exit signal)
+NAMESPACE_CLONE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+
+
+def build_filter_fd(network: bool) -> int:
+    """Compile the filter to BPF and return a readable fd positioned at its start."""
+    try:
+        import pyseccomp as sc
+
+        flt = sc.SyscallFilter(defaction=sc.ALLOW)
+        for name in KILLED_SYSCALLS:
+            try:
+                flt.add_rule(sc.KILL_PROCESS, name)
+            except (OSError, ValueError, RuntimeError):
+                continue  # a syscall this architecture does not have
+        for flag in NAMESPACE_CLONE_FLAGS:
+            flt.add_rule(sc.KILL_PROCESS, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+        for name in _ENOSYS_SYSCALLS:
+            flt.add_rule(sc.ERRNO(errno.ENOSYS), name)
+        if not network:
+            flt.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
+            flt.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socketpair", sc.Arg(0, sc.NE, socket.AF_UNIX))
+        handle = tempfile.TemporaryFile()
+        flt.export_bpf(handle)
+    except (ImportError, OSError, RuntimeError, ValueError) as exc:
+        raise BackendUnavailableError(
+            f"cannot build the seccomp filter ({exc}); install libseccomp2 (apt-get install libseccomp2) "
+            "and the pyseccomp package"
+        ) from exc
+    handle.flush()
+    fd = os.dup(handle.fileno())
+    handle.close()
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd

@@ -1,0 +1,135 @@
+"""Frozen data shared by every layer: requests, results, verdicts, limits, artifacts.
+
+Field names and status strings follow the RAGFlow ``/run`` contract (see API.md).
+"""
+
+from __future__ import annotations
+
+import base64
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Artifact",
+    "ExecutionRequest",
+    "ExecutionResult",
+    "Language",
+    "Limits",
+    "ResourceLimitType",
+    "ResultValue",
+    "RuntimeErrorType",
+    "Status",
+    "UnauthorizedAccessType",
+]
+
+
+class Language(StrEnum):
+    """A supported language; ``javascript`` is accepted as an alias of ``nodejs``."""
+
+    PYTHON = "python"
+    NODEJS = "nodejs"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Language | None:
+        if isinstance(value, str) and value.lower() in ("javascript", "js", "node"):
+            return cls.NODEJS
+        if isinstance(value, str) and value.lower() in ("python3", "py"):
+            return cls.PYTHON
+        return None
+
+
+class Status(StrEnum):
+    """The verdict on one execution."""
+
+    SUCCESS = "success"
+    PROGRAM_ERROR = "program_error"
+    RESOURCE_LIMIT_EXCEEDED = "resource_limit_exceeded"
+    UNAUTHORIZED_ACCESS = "unauthorized_access"
+    RUNTIME_ERROR = "runtime_error"
+    PROGRAM_RUNNER_ERROR = "program_runner_error"
+
+
+class ResourceLimitType(StrEnum):
+    TIME = "time"
+    MEMORY = "memory"
+    OUTPUT = "output"
+
+
+class UnauthorizedAccessType(StrEnum):
+    DISALLOWED_SYSCALL = "disallowed_syscall"
+    FILE_ACCESS = "file_access"
+    NETWORK_ACCESS = "network_access"
+
+
+class RuntimeErrorType(StrEnum):
+    SIGNALLED = "signalled"
+    NONZERO_EXIT = "nonzero_exit"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Limits(_Frozen):
+    """Resource limits of one execution; every unit is in the name."""
+
+    wall_time_s: float = Field(gt=0)
+    memory_bytes: int = Field(gt=0)
+    output_bytes: int = Field(gt=0)
+    pids_max: int = Field(gt=0)
+    disk_bytes: int = Field(gt=0)
+    cpus: float = Field(gt=0)
+
+
+class ExecutionRequest(_Frozen):
+    """What to run: the source, the arguments of ``main`` and optional extras."""
+
+    language: Language = Language.PYTHON
+    code: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    stdin: str = ""
+    files: dict[str, bytes] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+    limits: Limits | None = None
+
+
+class Artifact(_Frozen):
+    """A file the program saved under ``artifacts/``."""
+
+    name: str
+    mime_type: str
+    size: int
+    content: bytes = Field(repr=False)
+
+    @property
+    def content_b64(self) -> str:
+        return base64.b64encode(self.content).decode("ascii")
+
+
+class ResultValue(_Frozen):
+    """What ``main`` returned."""
+
+    present: bool
+    value: Any = None
+    type: str = "json"
+
+
+class ExecutionResult(_Frozen):
+    """The typed verdict on one execution (RAGFlow's field names)."""
+
+    status: Status
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int = 0
+    detail: str | None = None
+    time_used_ms: float | None = None
+    memory_used_kb: float | None = None
+    cpu_time_ms: float | None = None
+    resource_limit_type: ResourceLimitType | None = None
+    unauthorized_access_type: UnauthorizedAccessType | None = None
+    runtime_error_type: RuntimeErrorType | None = None
+    artifacts: tuple[Artifact, ...] = ()
+    result: ResultValue | None = None
+    backend: str | None = None

@@ -1,0 +1,107 @@
+"""Build the runtime environments that sandboxes see read-only (``execbox build``).
+
+* python: a venv of the system's ``/usr/bin/python3`` with ``runtimes/python/requirements.txt``
+  installed, and matplotlib's font cache prepared (sandboxes copy it into their /tmp);
+* nodejs: ``npm install`` of ``runtimes/nodejs/package.json``.
+
+A build is skipped when the packages file and the interpreter are unchanged since the
+last successful build (a stamp file records both), so running it twice is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from execbox.errors import RuntimeEnvironmentError
+from execbox.models import Language
+from execbox.runtimes import RUNTIMES, Runtime
+
+__all__ = ["SYSTEM_PYTHON", "build_all", "build_runtime", "environment_ready"]
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+_NODE = Path("/usr/bin/node")
+_STAMP = ".execbox-build.json"
+
+
+def _fingerprint(runtime: Runtime) -> dict[str, str]:
+    interpreter = SYSTEM_PYTHON if runtime.language is Language.PYTHON else _NODE
+    digest = hashlib.sha256(runtime.packages_file.read_bytes()).hexdigest()
+    real = interpreter.resolve()
+    return {"packages_sha256": digest, "interpreter": str(real), "interpreter_mtime": str(real.stat().st_mtime_ns)}
+
+
+def environment_ready(runtime: Runtime, runtime_dir: Path) -> bool:
+    """Whether the environment exists and matches the packages file."""
+    stamp = runtime.env_dir(runtime_dir) / _STAMP
+    try:
+        return json.loads(stamp.read_text()) == _fingerprint(runtime)
+    except (OSError, ValueError):
+        return False
+
+
+def _run(argv: list[str], what: str, **kwargs: object) -> None:
+    try:
+        subprocess.run(argv, check=True, **kwargs)  # type: ignore[call-overload]
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise RuntimeEnvironmentError(f"{what} failed: {exc}") from exc
+
+
+def _build_python(runtime: Runtime, target: Path) -> None:
+    if not SYSTEM_PYTHON.exists():
+        raise RuntimeEnvironmentError(f"{SYSTEM_PYTHON} is missing: apt-get install python3 python3-venv")
+    _run([str(SYSTEM_PYTHON), "-m", "venv", str(target)], "creating the Python venv (apt-get install python3-venv)")
+    pip = [str(target / "bin" / "python3"), "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    _run([*pip, "install", "--quiet", "--no-cache-dir", "-r", str(runtime.packages_file)], "pip install")
+    _run([*pip, "uninstall", "--quiet", "--yes", "pip"], "removing pip from the sandbox environment")
+    cache = target / "mplconfig"
+    cache.mkdir()
+    env = {"MPLCONFIGDIR": str(cache), "MPLBACKEND": "Agg", "PATH": "/usr/bin:/bin"}
+    probe = "import importlib.util as u\nif u.find_spec('matplotlib'):\n    import matplotlib.pyplot"
+    _run([str(target / "bin" / "python3"), "-c", probe], "preparing matplotlib's font cache", env=env)
+
+
+def _build_nodejs(runtime: Runtime, target: Path) -> None:
+    npm = shutil.which("npm")
+    if not _NODE.exists() or npm is None:
+        raise RuntimeEnvironmentError("node and npm are missing: apt-get install nodejs npm")
+    target.mkdir(parents=True)
+    shutil.copyfile(runtime.packages_file, target / "package.json")
+    lock = runtime.packages_file.with_name("package-lock.json")
+    if lock.exists():
+        shutil.copyfile(lock, target / "package-lock.json")
+    _run([npm, "install", "--omit=dev", "--no-audit", "--no-fund", "--loglevel=error"], "npm install", cwd=target)
+
+
+def build_runtime(runtime: Runtime, runtime_dir: Path, force: bool = False) -> bool:
+    """Build one environment; returns False when it was already up to date."""
+    if not force and environment_ready(runtime, runtime_dir):
+        return False
+    target = runtime.env_dir(runtime_dir)
+    staging = target.with_name(target.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    if runtime.language is Language.PYTHON:
+        _build_python(runtime, staging)
+    else:
+        _build_nodejs(runtime, staging)
+    (staging / _STAMP).write_text(json.dumps(_fingerprint(runtime)))
+    for path in [staging, *staging.rglob("*")]:  # sandboxes run as other uids: world-readable
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def build_all(runtime_dir: Path, force: bool = False) -> dict[str, bool]:
+    """Build every runtime environment; maps runtime name -> whether it was (re)built."""
+    return {rt.name: build_runtime(rt, runtime_dir, force) for rt in RUNTIMES.values()}

@@ -1,0 +1,181 @@
+"""One Settings object, read once at start-up from the environment (or ``.env``).
+
+RAGFlow's ``SANDBOX_*`` names are honoured with RAGFlow's defaults; execbox's own
+settings use the same prefix. A malformed value stops start-up with a
+:class:`~execbox.errors.ConfigurationError` naming the variable, the value and the
+accepted form.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from execbox.errors import ConfigurationError
+from execbox.models import Limits
+
+__all__ = [
+    "BackendChoice",
+    "CodeCheckMode",
+    "Settings",
+    "parse_duration_s",
+    "parse_rate",
+    "parse_size_bytes",
+]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([bkmg]?)(?:i?b)?", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"(\d+)\s*/\s*(second|minute|hour|s|m|h)")
+_RATE_PERIODS_S = {"second": 1.0, "s": 1.0, "minute": 60.0, "m": 60.0, "hour": 3600.0, "h": 3600.0}
+
+DURATION_FORM = "a duration such as 500ms, 10s, 2m or 1m30s"
+SIZE_FORM = "a size such as 512k, 256m or 1g (units b, k, m, g)"
+RATE_FORM = "a rate such as 100/minute, 10/second or 1000/hour, or empty for no limit"
+
+
+def parse_duration_s(value: Any) -> float:
+    """``"1m30s"`` -> 90.0; a bare number is seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        elif text and re.fullmatch(f"(?:{_DURATION_PART.pattern})+", text):
+            seconds = sum(float(n) * _DURATION_FACTORS[u] for n, u in _DURATION_PART.findall(text))
+        else:
+            raise ValueError(f"{value!r} is not {DURATION_FORM}")
+    if seconds <= 0:
+        raise ValueError(f"{value!r} is not {DURATION_FORM} (must be above zero)")
+    return seconds
+
+
+def parse_size_bytes(value: Any) -> int:
+    """``"256m"`` -> 268435456; a bare number is bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.fullmatch(str(value).strip())
+        if not match:
+            raise ValueError(f"{value!r} is not {SIZE_FORM}")
+        size = int(float(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"{value!r} is not {SIZE_FORM} (must be above zero)")
+    return size
+
+
+def parse_rate(value: Any) -> tuple[int, float] | None:
+    """``"100/minute"`` -> (100, 60.0); empty or ``off`` -> None."""
+    text = str(value or "").strip().lower()
+    if text in ("", "off", "none", "0"):
+        return None
+    match = _RATE.fullmatch(text)
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not {RATE_FORM}")
+    return int(match.group(1)), _RATE_PERIODS_S[match.group(2)]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration_s)]
+Size = Annotated[int, BeforeValidator(parse_size_bytes)]
+
+
+class BackendChoice(StrEnum):
+    AUTO = "auto"
+    GVISOR = "gvisor"
+    NAMESPACES = "namespaces"
+
+
+class CodeCheckMode(StrEnum):
+    BLOCK = "block"
+    WARN = "warn"
+    OFF = "off"
+
+
+class Settings(BaseSettings):
+    """Every setting of execbox; the environment variable is ``SANDBOX_`` + the field name in capitals."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SANDBOX_", env_file=".env", extra="ignore", frozen=True, case_sensitive=False
+    )
+
+    # RAGFlow's names and defaults
+    executor_manager_port: int = Field(9385, ge=1, le=65535, description="HTTP port of the service")
+    executor_manager_pool_size: int = Field(5, ge=0, le=256, description="warm sandboxes kept ready per language")
+    timeout: Duration = Field(10.0, description="wall-time limit of one execution")
+    max_memory: Size = Field(256 << 20, description="memory limit of one execution")
+    enable_seccomp: bool = Field(False, description="apply seccomp-profile-default.json (gvisor backend)")
+    base_python_image: str = Field("sandbox-base-python:latest", description="docker backend only (not built yet)")
+    base_nodejs_image: str = Field("sandbox-base-nodejs:latest", description="docker backend only (not built yet)")
+
+    # execbox's own
+    backend: BackendChoice = Field(BackendChoice.AUTO, description="auto | gvisor | namespaces")
+    code_check: CodeCheckMode = Field(CodeCheckMode.BLOCK, description="static inspection: block | warn | off")
+    max_output: Size = Field(1 << 20, description="cap on stdout + stderr of one execution")
+    max_disk: Size = Field(64 << 20, description="size of the sandbox's working directory (tmpfs)")
+    max_pids: int = Field(128, ge=8, le=4096, description="processes + threads per execution")
+    cpus: float = Field(1.0, gt=0, le=64, description="CPU share of one execution, in cores")
+    pool_wait: Duration = Field(10.0, description="how long a request waits for a free sandbox")
+    rate_limit: str = Field("", description="per-client request rate, e.g. 100/minute; empty = off")
+    max_code_size: Size = Field(1 << 20, description="largest accepted source (HTTP 413 above)")
+    enable_network: bool = Field(False, description="give sandboxes the host's network (unsafe)")
+    state_dir: Path = Field(Path("/var/lib/execbox"), description="runtime environments and sandbox state")
+    uid_base: int = Field(60001, ge=1000, description="first uid/gid of sandboxes (one per live sandbox)")
+    uid_count: int = Field(1000, ge=16, description="size of the sandbox uid range")
+    python_preload: str = Field("", description="comma-separated modules the Python driver imports before a request")
+    bind_host: str = Field("0.0.0.0", description="address the HTTP service listens on")
+    log_level: str = Field("info", description="debug | info | warning | error")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate(cls, value: str) -> str:
+        parse_rate(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"{value!r} is not one of debug, info, warning, error")
+        return value.lower()
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Read the environment and ``.env``; a bad value raises ConfigurationError naming it."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                name = "SANDBOX_" + "_".join(str(p) for p in err["loc"]).upper()
+                message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+                lines.append(f"{name}={err.get('input')!r}: {message}")
+            raise ConfigurationError("invalid setting: " + "; ".join(lines)) from exc
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.state_dir / "runtimes"
+
+    @property
+    def rate(self) -> tuple[int, float] | None:
+        return parse_rate(self.rate_limit)
+
+    @property
+    def preload_modules(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.python_preload.split(",") if m.strip())
+
+    def default_limits(self) -> Limits:
+        return Limits(
+            wall_time_s=self.timeout,
+            memory_bytes=self.max_memory,
+            output_bytes=self.max_output,
+            pids_max=self.max_pids,
+            disk_bytes=self.max_disk,
+            cpus=self.cpus,
+        )
