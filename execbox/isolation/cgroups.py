@@ -193,7 +193,7 @@ class CgroupManager:
                     f"cgroup controllers {missing} are not mounted under {self.root}; "
                     "mount cgroup v2 or the v1 memory, pids and cpu hierarchies"
                 )
-        probe = self.create("probe-%d" % os.getpid(), 64 << 20, 16, 1.0)
+        probe = self.create(f"probe-{os.getpid()}-check", 64 << 20, 16, 1.0)
         probe.remove()
 
     def _v1_dirs(self, name: str) -> dict[str, Path]:
@@ -233,7 +233,11 @@ class CgroupManager:
         return group
 
     def reap(self) -> int:
-        """Kill and remove every sandbox cgroup left under the parent (after a crash)."""
+        """Kill and remove the sandbox cgroups whose owner is dead (left by a crash).
+
+        Cgroup names are ``<kind>-<owner pid>-<id>``; those of a live owner (another
+        execbox process on this host) are left alone.
+        """
         reaped = 0
         parents = [self.root / self.parent] if self.version == 2 else [
             p.parent for p in self._v1_dirs("x").values()
@@ -243,6 +247,9 @@ class CgroupManager:
             if parent.is_dir():
                 names.update(p.name for p in parent.iterdir() if p.is_dir())
         for name in sorted(names):
+            owner = name.split("-")[1] if name.count("-") >= 2 else ""
+            if owner.isdigit() and Path(f"/proc/{owner}").exists():
+                continue
             group: Cgroup = (
                 _CgroupV2(name, self.root / self.parent / name)
                 if self.version == 2

@@ -283,7 +283,7 @@ class NamespacesBackend(IsolationBackend):
             raise SandboxStartError(
                 f"the {spec.runtime.name} runtime environment {spec.runtime_env_dir} is missing; run `execbox build`"
             )
-        sandbox_id = f"ns-{uuid.uuid4().hex[:12]}"
+        sandbox_id = f"ns-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         with contextlib.ExitStack() as stack:
             uid = self._uids.acquire()
             stack.callback(self._uids.release, uid)

@@ -1,0 +1,201 @@
+"""The HTTP service: RAGFlow's ``/run`` contract on port 9385, plus ``/v1`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from execbox.api.ratelimit import RateLimiter
+from execbox.api.schemas import ExecuteRequest, ExecuteResponse, RunRequest, RunResponse
+from execbox.errors import BadRequestError
+from execbox.models import ExecutionRequest, ExecutionResult, Limits
+from execbox.service.classify import EXIT_RATE_LIMITED
+from execbox.service.executor import Executor
+from execbox.settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("execbox.api")
+RATE_LIMITED_MESSAGE = "Too many requests, please try again later"
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies above ``max_bytes``, counted as they stream in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _too_large(self.max_bytes)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await _too_large(self.max_bytes)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(max_bytes: int) -> JSONResponse:
+    return JSONResponse({"detail": f"request body larger than {max_bytes} bytes"}, status_code=413)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.executions = Counter(
+            "execbox_executions_total", "Executions by language and verdict", ["language", "status"], registry=self.registry
+        )
+        self.duration = Histogram(
+            "execbox_execution_seconds", "Time from request to verdict", ["language"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.ready = Gauge("execbox_pool_ready", "Ready sandboxes", ["pool"], registry=self.registry)
+        self.leased = Gauge("execbox_pool_leased", "Sandboxes running code", ["pool"], registry=self.registry)
+
+
+def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
+    """The ASGI app; it starts (and on shutdown closes) its Executor in its lifespan."""
+    engine = executor or Executor(settings)
+    metrics = _Metrics()
+    limiter = RateLimiter(*settings.rate) if settings.rate else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        for warning in engine.warnings:
+            log.warning("%s", warning)
+        log.info("execbox serving with the %s backend", engine.backend_name)
+        try:
+            yield
+        finally:
+            log.info("execbox shutting down: destroying every sandbox")
+            await engine.close()
+
+    app = FastAPI(
+        title="execbox",
+        version="0.1.0",
+        summary="Runs untrusted Python and Node.js code in fresh, isolated sandboxes.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=2 * settings.max_code_size + (1 << 20))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    def health() -> JSONResponse:
+        stats = engine.pool_stats()
+        serving = bool(stats) and all(s.ready > 0 or s.created_total > 0 or s.size == 0 for s in stats)
+        body: dict[str, Any] = {
+            "status": "ok" if serving else "starting",
+            "backend": engine.backend_name,
+            "warnings": engine.warnings,
+            "pools": [s.__dict__ for s in stats],
+        }
+        return JSONResponse(body, status_code=200 if serving else 503)
+
+    app.get("/", summary="Health (RAGFlow)")(health)
+    app.get("/healthz", summary="Health: ok once code can run")(health)
+
+    def check_rate(request: Request) -> JSONResponse | None:
+        client = request.client.host if request.client else "unknown"
+        if limiter is None or limiter.allow(client):
+            return None
+        body = RunResponse(
+            status="program_runner_error", exit_code=EXIT_RATE_LIMITED, detail=RATE_LIMITED_MESSAGE,
+            stderr=RATE_LIMITED_MESSAGE,
+        )
+        return JSONResponse(body.model_dump(mode="json"), status_code=429)
+
+    def check_code_size(code: str) -> None:
+        if len(code.encode()) > settings.max_code_size:
+            raise HTTPException(413, f"code larger than SANDBOX_MAX_CODE_SIZE ({settings.max_code_size} bytes)")
+
+    async def execute(request: ExecutionRequest) -> ExecutionResult:
+        with metrics.duration.labels(request.language.value).time():
+            try:
+                result = await engine.execute(request)
+            except BadRequestError as exc:
+                raise HTTPException(422, str(exc)) from exc
+        metrics.executions.labels(request.language.value, result.status.value).inc()
+        return result
+
+    @app.post("/run", response_model=RunResponse, summary="Run code (RAGFlow's contract)")
+    async def run(body: RunRequest, request: Request) -> Any:
+        if (limited := check_rate(request)) is not None:
+            return limited
+        code = body.code
+        check_code_size(code)
+        result = await execute(ExecutionRequest(language=body.language, code=code, arguments=body.arguments))
+        return RunResponse.from_result(result)
+
+    @app.post("/v1/execute", response_model=ExecuteResponse, summary="Run code with per-request limits and inputs")
+    async def execute_v1(body: ExecuteRequest, request: Request) -> Any:
+        if (limited := check_rate(request)) is not None:
+            return limited
+        check_code_size(body.code)
+        limits = None
+        if body.limits is not None:
+            given = body.limits.model_dump(exclude_none=True)
+            limits = Limits(**{**settings.default_limits().model_dump(), **given})
+        result = await execute(
+            ExecutionRequest(
+                language=body.language,
+                code=body.code,
+                arguments=body.arguments,
+                stdin=body.stdin,
+                files={name: base64.b64decode(data) for name, data in body.files.items()},
+                env=body.env,
+                limits=limits,
+            )
+        )
+        return ExecuteResponse.from_result(result)
+
+    @app.get("/v1/info", summary="Backend, runtimes, limits and pool state")
+    async def info() -> dict[str, Any]:
+        return {
+            "backend": engine.backend_name,
+            "warnings": engine.warnings,
+            "limits": settings.default_limits().model_dump(),
+            "code_check": settings.code_check.value,
+            "network": settings.enable_network,
+            "pools": [s.__dict__ for s in engine.pool_stats()],
+        }
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        for stat in engine.pool_stats():
+            metrics.ready.labels(stat.name).set(stat.ready)
+            metrics.leased.labels(stat.name).set(stat.leased)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,145 @@
+"""``execbox`` command line: run, doctor, build, serve."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from execbox.errors import ConfigurationError, ExecboxError
+from execbox.models import ExecutionRequest, Language
+
+__all__ = ["app"]
+
+app = typer.Typer(help="execbox: run untrusted Python and Node.js code in fresh, isolated sandboxes.", no_args_is_help=True)
+
+
+def _settings(**overrides: Any):  # type: ignore[no-untyped-def]
+    from execbox.settings import Settings
+
+    try:
+        return Settings.load(**overrides)
+    except ConfigurationError as exc:
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _result_json(result: Any) -> dict[str, Any]:
+    data = result.model_dump(mode="json", exclude={"artifacts"})
+    data["artifacts"] = [
+        {"name": a.name, "mime_type": a.mime_type, "size": a.size, "content_b64": a.content_b64} for a in result.artifacts
+    ]
+    return data
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="source file defining main()")],
+    language: Annotated[Optional[str], typer.Option(help="python | nodejs (default: from the file name)")] = None,
+    args: Annotated[str, typer.Option("--args", help="JSON object of arguments for main")] = "{}",
+    backend: Annotated[Optional[str], typer.Option(help="gvisor | namespaces (default: SANDBOX_BACKEND)")] = None,
+) -> None:
+    """Run FILE once in a fresh sandbox and print the result as JSON."""
+    from execbox.service.executor import Executor
+
+    overrides: dict[str, Any] = {"backend": backend} if backend else {}
+    settings = _settings(**overrides)
+    lang = language or ("nodejs" if file.suffix in (".js", ".mjs", ".cjs") else "python")
+    try:
+        arguments = json.loads(args)
+        if not isinstance(arguments, dict):
+            raise ValueError("not an object")
+        request = ExecutionRequest(language=Language(lang), code=file.read_text(), arguments=arguments)
+    except ValueError as exc:
+        typer.echo(f"execbox: bad --language or --args: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+    async def once() -> Any:
+        async with Executor(settings, languages=(request.language,), pool_size=0) as executor:
+            return await executor.execute(request)
+
+    try:
+        result = asyncio.run(once())
+    except ExecboxError as exc:
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps(_result_json(result), indent=2))
+    raise typer.Exit(0 if result.status.value == "success" else 1)
+
+
+@app.command()
+def doctor() -> None:
+    """Say which backends work on this host and, for each that does not, why and how to fix it."""
+    from execbox.errors import BackendUnavailableError
+    from execbox.runtimes import RUNTIMES
+    from execbox.service.backends import BACKEND_NAMES, build_backend
+    from execbox.service.environments import environment_ready
+
+    settings = _settings()
+    ok_any = False
+    for name in BACKEND_NAMES:
+        try:
+            build_backend(name, settings).check()
+        except BackendUnavailableError as exc:
+            typer.echo(f"[no]  {name}: {exc}")
+        else:
+            ok_any = True
+            typer.echo(f"[ok]  {name}")
+    for runtime in RUNTIMES.values():
+        ready = environment_ready(runtime, settings.runtime_dir)
+        where = runtime.env_dir(settings.runtime_dir)
+        typer.echo(f"[{'ok' if ready else 'no'}]  {runtime.name} environment at {where}"
+                   + ("" if ready else " is missing or stale: run `execbox build` (or `make build`)"))
+        ok_any = ok_any and ready
+    typer.echo(f"selected by SANDBOX_BACKEND={settings.backend.value}")
+    raise typer.Exit(0 if ok_any else 1)
+
+
+@app.command()
+def build(force: Annotated[bool, typer.Option(help="rebuild even if up to date")] = False) -> None:
+    """Build the runtime environments (packages from runtimes/*/requirements.txt, package.json)."""
+    from execbox.service.environments import build_all
+
+    settings = _settings()
+    try:
+        for name, rebuilt in build_all(settings.runtime_dir, force=force).items():
+            typer.echo(f"{name}: {'built' if rebuilt else 'up to date'} in {settings.runtime_dir / name}")
+    except ExecboxError as exc:
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="listen address (default SANDBOX_BIND_HOST)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default SANDBOX_EXECUTOR_MANAGER_PORT, 9385)")] = None,
+) -> None:
+    """Serve the HTTP API (RAGFlow's /run and the native /v1 API)."""
+    import uvicorn
+
+    from execbox.api.app import create_app
+
+    settings = _settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if os.geteuid() != 0:
+        logging.getLogger("execbox").warning("not running as root: the namespaces backend will be unavailable")
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.bind_host,
+        port=port or settings.executor_manager_port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.timeout) + 5,
+    )
+
+
+if __name__ == "__main__":
+    app()

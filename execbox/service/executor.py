@@ -1,0 +1,183 @@
+"""The one place that turns an ExecutionRequest into an ExecutionResult.
+
+policy check -> lease a warm sandbox -> run -> collect artifacts -> classify -> destroy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+from execbox.artifacts import collect_artifacts
+from execbox.errors import BadRequestError, ExecboxError, PoolBusyError, PoolClosedError
+from execbox.isolation.base import IsolationBackend, RunOutcome, Sandbox
+from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits
+from execbox.policy import inspect_code
+from execbox.pool import PoolStats, SandboxPool
+from execbox.runtimes import RUNTIMES, get_runtime
+from execbox.service.backends import select_backend
+from execbox.service.classify import EXIT_BUSY, EXIT_INTERNAL, EXIT_UNSAFE, classify, runner_error
+from execbox.service.specs import sandbox_spec
+from execbox.settings import CodeCheckMode, Settings
+
+__all__ = ["Executor"]
+
+log = logging.getLogger("execbox.executor")
+executions_log = logging.getLogger("execbox.executions")
+
+
+class Executor:
+    """Runs requests in fresh sandboxes from warm pools. Use ``async with`` or start()/close()."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backend: IsolationBackend | None = None,
+        languages: tuple[Language, ...] = tuple(RUNTIMES),
+        pool_size: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.warnings: list[str] = []
+        self._languages = languages
+        self._pool_size = settings.executor_manager_pool_size if pool_size is None else pool_size
+        self._pools: dict[Language, SandboxPool] = {}
+        workers = max(4, 4 * max(self._pool_size, 1) * len(languages))
+        self._run_threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="execbox-run")
+        self._build_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="execbox-build")
+        self._closing = False
+
+    async def start(self) -> None:
+        """Pick and check the backend, reap a crashed predecessor's leftovers, fill the pools."""
+        loop = asyncio.get_running_loop()
+        if self.backend is None:
+            self.backend, self.warnings = await loop.run_in_executor(self._build_threads, select_backend, self.settings)
+        reaped = await loop.run_in_executor(self._build_threads, self.backend.reap)
+        if reaped:
+            log.warning("reaped %d sandbox(es) left by a previous run", reaped)
+        for language in self._languages:
+            runtime = get_runtime(language)
+            spec = sandbox_spec(self.settings, runtime)
+            pool = SandboxPool(
+                f"{language.value}/{self.backend.name}",
+                partial(self.backend.create, spec),
+                self._pool_size,
+                self._build_threads,
+            )
+            pool.start()
+            self._pools[language] = pool
+
+    async def __aenter__(self) -> Executor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop taking work, let running executions finish, destroy every sandbox."""
+        self._closing = True
+        await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+        self._run_threads.shutdown(wait=True)
+        self._build_threads.shutdown(wait=True)
+        if self.backend is not None:
+            self.backend.close()
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        results = await asyncio.gather(*(pool.wait_ready(timeout_s) for pool in self._pools.values()))
+        return all(results)
+
+    def pool_stats(self) -> list[PoolStats]:
+        return [pool.stats() for pool in self._pools.values()]
+
+    @property
+    def backend_name(self) -> str | None:
+        return self.backend.name if self.backend else None
+
+    def limits_for(self, request: ExecutionRequest) -> Limits:
+        """The request's limits, each at most the server's; BadRequestError above a maximum."""
+        maxima = self.settings.default_limits()
+        if request.limits is None:
+            return maxima
+        above = [
+            f"{name} {getattr(request.limits, name)} > {getattr(maxima, name)}"
+            for name in Limits.model_fields
+            if getattr(request.limits, name) > getattr(maxima, name)
+        ]
+        if above:
+            raise BadRequestError("limits above the server's maxima: " + ", ".join(above))
+        return request.limits
+
+    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
+        """Run one request; every failure of the user's program is a verdict, not an exception."""
+        started = time.perf_counter()
+        result = await self._execute(request)
+        self._log(request, result, started)
+        return result
+
+    async def _execute(self, request: ExecutionRequest) -> ExecutionResult:
+        limits = self.limits_for(request)
+        if self.settings.code_check is not CodeCheckMode.OFF:
+            findings = inspect_code(request.code, request.language.value)
+            if findings and self.settings.code_check is CodeCheckMode.BLOCK:
+                return runner_error(EXIT_UNSAFE, "Code is unsafe", "\n".join(map(str, findings)) + "\n")
+            for finding in findings:
+                log.warning("code check (warn mode): %s", finding)
+        pool = self._pools.get(request.language)
+        if pool is None or self._closing:
+            return runner_error(EXIT_INTERNAL, "internal_error", f"no {request.language.value} pool is running\n")
+        try:
+            sandbox = await pool.lease(self.settings.pool_wait)
+        except PoolBusyError:
+            return runner_error(EXIT_BUSY, "no_available_container", "Container pool is busy\n")
+        except (PoolClosedError, ExecboxError) as exc:
+            log.error("no sandbox for a %s request: %s", request.language.value, exc)
+            return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
+        try:
+            loop = asyncio.get_running_loop()
+            outcome, artifacts = await loop.run_in_executor(self._run_threads, _run_in_sandbox, sandbox, request, limits)
+        except ExecboxError as exc:
+            log.error("execution in sandbox %s failed: %s", sandbox.id, exc)
+            return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
+        finally:
+            pool.release(sandbox)
+        return classify(outcome, wall_time_s=limits.wall_time_s, artifacts=artifacts, backend=sandbox.backend_name)
+
+    def _log(self, request: ExecutionRequest, result: ExecutionResult, started: float) -> None:
+        record = {
+            "language": request.language.value,
+            "status": result.status.value,
+            "exit_code": result.exit_code,
+            "detail": result.detail,
+            "time_used_ms": result.time_used_ms,
+            "memory_used_kb": result.memory_used_kb,
+            "total_ms": round((time.perf_counter() - started) * 1000, 3),
+            "code_bytes": len(request.code.encode()),
+            "stdout_bytes": len(result.stdout),
+            "stderr_bytes": len(result.stderr),
+            "artifacts": len(result.artifacts),
+            "backend": result.backend,
+        }
+        executions_log.info("execution %s", json.dumps(record))
+
+
+def _run_in_sandbox(sandbox: Sandbox, request: ExecutionRequest, limits: Limits) -> tuple[RunOutcome, tuple[Artifact, ...]]:
+    """Blocking: run, then collect artifacts from the still-live sandbox if the program finished."""
+    outcome = sandbox.run(request, limits)
+    artifacts: tuple[Artifact, ...] = ()
+    if outcome.report is not None:
+        try:
+            workspace = sandbox.open_workspace()
+        except (OSError, ExecboxError) as exc:
+            log.warning("cannot open the workspace of sandbox %s: %s", sandbox.id, exc)
+        else:
+            try:
+                artifacts = collect_artifacts(workspace)
+            finally:
+                os.close(workspace)
+    return outcome, artifacts
