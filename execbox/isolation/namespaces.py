@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
@@ -60,6 +61,13 @@ class UidAllocator:
 
 
 class NamespacesSandbox(Sandbox):
+    """A sandbox whose init (``init_pid``) heads fresh namespaces, in its own cgroup.
+
+    How it was started (bwrap, or a fork of the Python fork server) is hidden behind
+    ``exit_status``: a callable that waits up to its timeout for the sandbox's end and
+    returns ``(exit_code, None)`` or ``(None, signal)``, raising TimeoutError.
+    """
+
     backend_name = "namespaces"
 
     def __init__(
@@ -67,21 +75,23 @@ class NamespacesSandbox(Sandbox):
         spec: SandboxSpec,
         sandbox_id: str,
         *,
-        process: subprocess.Popen[bytes],
-        init_pidfd: int,
         init_pid: int,
+        init_pidfd: int,
         cgroup: Cgroup,
         fds: dict[str, int],
         reader: FrameReader,
+        exit_status: Callable[[float], tuple[int | None, int | None]],
+        running: Callable[[], bool],
         release: contextlib.ExitStack,
     ) -> None:
         super().__init__(spec, sandbox_id)
-        self._process = process
-        self._init_pidfd = init_pidfd
         self.init_pid = init_pid
+        self._init_pidfd = init_pidfd
         self.cgroup = cgroup
         self._fds = fds
         self._reader = reader
+        self._exit_status = exit_status
+        self._running = running
         self._release = release
         self._used = False
         self._destroyed = False
@@ -92,7 +102,7 @@ class NamespacesSandbox(Sandbox):
             signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
 
     def alive(self) -> bool:
-        return not self._used and not self._destroyed and self._process.poll() is None
+        return not self._used and not self._destroyed and self._running()
 
     def run(self, request: ExecutionRequest, limits: Limits) -> RunOutcome:
         if self._used or self._destroyed:
@@ -114,15 +124,12 @@ class NamespacesSandbox(Sandbox):
         exit_code = signal_number = None
         if seen.report is None:
             try:
-                status = self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
+                exit_code, signal_number = self._exit_status(5.0)
+            except TimeoutError:
                 self._kill()
-                status = self._process.wait(timeout=5)
-            # bwrap exits with the program's status, or 128 + the signal that ended it
-            if status > 128 and not seen.timed_out and not seen.output_capped:
-                signal_number = status - 128
-            elif status >= 0:
-                exit_code = status
+                exit_code, signal_number = self._exit_status(5.0)
+            if seen.timed_out or seen.output_capped:
+                exit_code = signal_number = None  # we killed it: the verdict says why
         return RunOutcome(
             stdout=seen.stdout,
             stderr=seen.stderr,
@@ -139,10 +146,10 @@ class NamespacesSandbox(Sandbox):
 
     def open_workspace(self) -> int:
         """Open the live sandbox's workspace through its init's root, following no symlink."""
+        if not self._running():
+            raise SandboxError(f"sandbox {self.id} has ended; its workspace is gone")
         root = os.open(f"/proc/{self.init_pid}/root", os.O_PATH | os.O_DIRECTORY)
         try:
-            if self._process.poll() is not None:
-                raise SandboxError(f"sandbox {self.id} has ended; its workspace is gone")
             return os.open(WORKSPACE.lstrip("/"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
         finally:
             os.close(root)
@@ -152,16 +159,8 @@ class NamespacesSandbox(Sandbox):
             if self._destroyed:
                 return
             self._destroyed = True
-        try:
-            self._kill()
-            with contextlib.suppress(ProcessLookupError):
-                self._process.kill()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired as exc:
-                raise SandboxError(f"bwrap of sandbox {self.id} did not exit after SIGKILL") from exc
-        finally:
-            self._release.close()
+        self._kill()
+        self._release.close()
 
 
 class NamespacesBackend(IsolationBackend):
@@ -325,6 +324,15 @@ class NamespacesBackend(IsolationBackend):
                 os.close(fds.pop(name))
             init_pid = self._read_child_pid(fds["info"], process, sandbox_id)
             fds["init_pidfd"] = init_pidfd = os.pidfd_open(init_pid)
+
+            def exit_status(timeout_s: float) -> tuple[int | None, int | None]:
+                try:
+                    status = process.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired as exc:
+                    raise TimeoutError(f"sandbox {sandbox_id} still running") from exc
+                # bwrap exits with the program's status, or 128 + the signal that ended it
+                return (None, status - 128) if status > 128 else (status, None)
+
             cgroup.attach(init_pid)
             os.write(fds["block"], b"1")
             os.close(fds.pop("block"))
@@ -338,12 +346,13 @@ class NamespacesBackend(IsolationBackend):
         return NamespacesSandbox(
             spec,
             sandbox_id,
-            process=process,
-            init_pidfd=init_pidfd,
             init_pid=init_pid,
+            init_pidfd=init_pidfd,
             cgroup=cgroup,
             fds=fds,
             reader=reader,
+            exit_status=exit_status,
+            running=lambda: process.poll() is None,
             release=release,
         )
 

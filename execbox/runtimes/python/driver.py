@@ -11,8 +11,8 @@ import os
 import sys
 import time
 
-CONTROL_FD = int(os.environ.pop("EXECBOX_CONTROL_FD", "3"))
-EVENTS_FD = int(os.environ.pop("EXECBOX_EVENTS_FD", "4"))
+CONTROL_FD = 3
+EVENTS_FD = 4
 USER_FILE = "main.py"
 _NETWORK_ERRNOS = {97, 101, 111, 113, 99, 110}  # EAFNOSUPPORT ENETUNREACH ECONNREFUSED EHOSTUNREACH EADDRNOTAVAIL ETIMEDOUT
 _FILE_ERRNOS = {1, 13, 30}  # EPERM EACCES EROFS
@@ -140,14 +140,21 @@ def _run(request):
         return 1, None, kind
 
 
-def main():
-    for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True, errors="backslashreplace")
+def preload():
+    """Import the modules named in EXECBOX_PRELOAD (missing ones are skipped)."""
     for module in filter(None, os.environ.pop("EXECBOX_PRELOAD", "").split(",")):
         try:
             __import__(module)
         except Exception:  # a missing optional module must not stop the sandbox
             pass
+
+
+def serve(control_fd, events_fd):
+    """Say ready, run one request, report, then block until the sandbox is destroyed."""
+    global CONTROL_FD, EVENTS_FD
+    CONTROL_FD, EVENTS_FD = control_fd, events_fd
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, errors="backslashreplace")
     cache = os.environ.pop("EXECBOX_MPL_CACHE", "")
     if cache and os.path.isdir(cache):
         target = os.environ.get("MPLCONFIGDIR", "/tmp/matplotlib")
@@ -175,4 +182,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    preload()
+    serve(int(os.environ.pop("EXECBOX_CONTROL_FD")), int(os.environ.pop("EXECBOX_EVENTS_FD")))

@@ -1,0 +1,245 @@
+"""The OCI runtime config (``config.json``) of one gVisor sandbox, and the translation of a
+Docker-format seccomp profile into its ``linux.seccomp`` section. Pure: no I/O except
+:func:`load_docker_profile`.
+
+Driver channels: this runsc (2022-12) cannot pass extra fds into a sandbox (no
+``--pass-fd`` / ``--preserve-fds``); it passes exactly its own stdin, stdout and stderr.
+So the host gives the sandbox a *socket* as stdin, and the container's first process is
+``/bin/sh -c 'exec "$@" 3<&0 4>&0 </dev/null'``: the shell duplicates the socket to fd 3
+(control, host -> driver) and fd 4 (events, driver -> host), puts ``/dev/null`` on stdin
+and execs the driver, which finds its channels at the usual fds. stdout and stderr stay
+exactly the program's own output, as in the namespaces backend.
+
+Seccomp translation (``SANDBOX_ENABLE_SECCOMP``; runsc applies OCI seccomp inside the
+sandbox only with ``--oci-seccomp``): this runsc
+
+* rejects ``SCMP_ACT_KILL_PROCESS`` and ``SCMP_ACT_KILL_THREAD``: KILL_PROCESS becomes
+  ``SCMP_ACT_TRAP`` (SIGSYS, whose default action ends the whole process: the same
+  verdict, signal 31, unless the program handles SIGSYS, and then the call still fails),
+  KILL_THREAD becomes ``SCMP_ACT_KILL``;
+* ignores ``errnoRet``: every ``SCMP_ACT_ERRNO`` rule returns EPERM. A rule asking for
+  ENOSYS ("pretend the call does not exist", e.g. ``clone3``, ``io_uring_*``) is dropped,
+  because under gVisor the host kernel's implementation is never reached and the
+  sentry itself answers ENOSYS for what it does not implement (EPERM for ``clone3``
+  would break glibc's thread creation). Any other non-EPERM errno is refused with
+  :class:`SeccompProfileError`, never silently changed.
+
+Every change is reported in the ``notes`` returned with the section.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from execbox.errors import BackendUnavailableError
+from execbox.isolation.base import SandboxSpec
+from execbox.runtimes import CONTROL_FD_ENV, DRIVER_MOUNT, EVENTS_FD_ENV, RUNTIME_MOUNT, WORKSPACE
+
+__all__ = [
+    "CHANNEL_SHELL",
+    "SeccompProfileError",
+    "SystemBind",
+    "build_config",
+    "docker_profile_to_oci",
+    "load_docker_profile",
+]
+
+#: duplicates the stdin socket to fds 3 and 4, puts /dev/null on stdin, execs the driver
+CHANNEL_SHELL = ("/bin/sh", "-c", 'exec "$@" 3<&0 4>&0 </dev/null', "execbox-driver")
+_CONTROL_FD = 3
+_EVENTS_FD = 4
+_CPU_PERIOD_US = 100_000
+_BIND_RO = ["rbind", "ro", "nosuid", "nodev"]
+_BIND_RW = ["rbind", "rw", "nosuid", "nodev"]
+_NO_CAPABILITIES: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
+#: Docker's architecture names (includes.arches) and seccomp's, per host machine
+_ARCHES = {"x86_64": ("amd64", "SCMP_ARCH_X86_64"), "aarch64": ("arm64", "SCMP_ARCH_AARCH64")}
+_ACTIONS = {
+    "SCMP_ACT_KILL_PROCESS": "SCMP_ACT_TRAP",
+    "SCMP_ACT_KILL_THREAD": "SCMP_ACT_KILL",
+    "SCMP_ACT_KILL": "SCMP_ACT_KILL",
+    "SCMP_ACT_TRAP": "SCMP_ACT_TRAP",
+    "SCMP_ACT_ERRNO": "SCMP_ACT_ERRNO",
+    "SCMP_ACT_ALLOW": "SCMP_ACT_ALLOW",
+    "SCMP_ACT_LOG": "SCMP_ACT_LOG",
+}
+
+
+class SeccompProfileError(BackendUnavailableError):
+    """The seccomp profile cannot be applied faithfully by this runsc."""
+
+
+@dataclass(frozen=True)
+class SystemBind:
+    """A host path seen read-only inside every sandbox (``/usr``, the minimal ``/etc``...)."""
+
+    source: Path
+    target: str
+
+
+def _tmpfs(target: str, size_bytes: int, mode: str = "1777") -> dict[str, Any]:
+    return {
+        "destination": target,
+        "type": "tmpfs",
+        "source": "tmpfs",
+        "options": [f"size={size_bytes}", f"mode={mode}", "nosuid", "nodev"],
+    }
+
+
+def _bind(source: Path | str, target: str, writable: bool = False) -> dict[str, Any]:
+    return {"destination": target, "type": "bind", "source": str(source), "options": _BIND_RW if writable else _BIND_RO}
+
+
+def build_config(
+    spec: SandboxSpec,
+    *,
+    uid: int,
+    rootfs: Path,
+    system_binds: Sequence[SystemBind],
+    workspace_dir: Path,
+    cgroups_path: str,
+    memory_limit_bytes: int,
+    pids_limit: int,
+    seccomp: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The OCI config of one sandbox built from ``spec`` (see the module docstring).
+
+    ``rootfs`` is a read-only skeleton holding the mount points and the ``bin -> usr/bin``
+    style symlinks; ``workspace_dir`` is the host directory (a size-capped tmpfs) seen
+    read-write at the workspace. ``memory_limit_bytes`` includes the sentry's own memory;
+    ``pids_limit`` is a backstop only (gVisor counts its own threads), processes are
+    contained by ``RLIMIT_NPROC`` = ``spec.pids_max``.
+    """
+    driver = spec.runtime.driver_path
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+        _tmpfs("/dev/shm", spec.tmp_bytes),
+        *(_bind(b.source, b.target) for b in system_binds),
+        _tmpfs("/tmp", spec.tmp_bytes),
+        _bind(workspace_dir, WORKSPACE, writable=True),
+        _bind(spec.runtime_env_dir, RUNTIME_MOUNT),
+        _bind(driver, f"{DRIVER_MOUNT}/{driver.name}"),
+        *(_bind(p, p) for p in spec.runtime.extra_ro_paths),
+        *(_bind(m.source, m.target, m.writable) for m in spec.mounts),
+    ]
+    env = {**spec.env, CONTROL_FD_ENV: str(_CONTROL_FD), EVENTS_FD_ENV: str(_EVENTS_FD)}
+    linux: dict[str, Any] = {
+        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+        "cgroupsPath": cgroups_path,
+        "resources": {
+            "memory": {"limit": memory_limit_bytes, "swap": memory_limit_bytes},
+            "pids": {"limit": pids_limit},
+            "cpu": {"quota": max(1000, int(spec.cpus * _CPU_PERIOD_US)), "period": _CPU_PERIOD_US},
+        },
+    }
+    if seccomp is not None:
+        linux["seccomp"] = dict(seccomp)
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": uid, "gid": uid, "additionalGids": []},
+            "args": [*CHANNEL_SHELL, *spec.runtime.argv()],
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": WORKSPACE,
+            "capabilities": _NO_CAPABILITIES,
+            "noNewPrivileges": True,
+            "rlimits": [
+                {"type": "RLIMIT_CORE", "soft": 0, "hard": 0},
+                {"type": "RLIMIT_FSIZE", "soft": spec.file_size_max_bytes, "hard": spec.file_size_max_bytes},
+                {"type": "RLIMIT_NOFILE", "soft": spec.open_files_max, "hard": spec.open_files_max},
+                {"type": "RLIMIT_NPROC", "soft": spec.pids_max, "hard": spec.pids_max},
+            ],
+        },
+        "root": {"path": str(rootfs), "readonly": True},
+        "hostname": "sandbox",
+        "mounts": mounts,
+        "linux": linux,
+    }
+
+
+# -- seccomp -------------------------------------------------------------------------
+
+
+def load_docker_profile(path: Path) -> dict[str, Any]:
+    """Read a Docker-format seccomp profile; raises SeccompProfileError naming the file."""
+    try:
+        profile = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SeccompProfileError(f"cannot read the seccomp profile {path}: {exc}") from exc
+    if not isinstance(profile, dict) or "defaultAction" not in profile:
+        raise SeccompProfileError(f"{path} is not a Docker seccomp profile (no defaultAction)")
+    return profile
+
+
+def _action(action: str, where: str) -> str:
+    try:
+        return _ACTIONS[action]
+    except KeyError:
+        raise SeccompProfileError(f"seccomp action {action} ({where}) is not supported by runsc") from None
+
+
+def _applies(rule: Mapping[str, Any], docker_arch: str) -> bool:
+    """Docker's includes/excludes: the sandbox has no capabilities and runs on ``docker_arch``."""
+    includes, excludes = rule.get("includes") or {}, rule.get("excludes") or {}
+    if includes.get("caps"):
+        return False
+    if includes.get("arches") and docker_arch not in includes["arches"]:
+        return False
+    return not (excludes.get("arches") and docker_arch in excludes["arches"])
+
+
+def docker_profile_to_oci(
+    profile: Mapping[str, Any], machine: str | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Translate a Docker profile into an OCI ``linux.seccomp`` section for this runsc.
+
+    Returns the section and notes describing every rule that had to change.
+    """
+    machine = machine or platform.machine()
+    if machine not in _ARCHES:
+        raise SeccompProfileError(f"no seccomp architecture known for {machine}")
+    docker_arch, scmp_arch = _ARCHES[machine]
+    notes: list[str] = []
+    default = _action(profile["defaultAction"], "defaultAction")
+    if default == "SCMP_ACT_ERRNO" and profile.get("defaultErrnoRet", errno.EPERM) != errno.EPERM:
+        raise SeccompProfileError("defaultErrnoRet other than EPERM: this runsc always returns EPERM")
+    arches = list(profile.get("architectures") or [])
+    for entry in profile.get("archMap") or []:
+        if entry.get("architecture") == scmp_arch:
+            arches = [scmp_arch, *entry.get("subArchitectures", [])]
+    rules = []
+    for index, rule in enumerate(profile.get("syscalls") or []):
+        names = list(rule.get("names") or ([rule["name"]] if rule.get("name") else []))
+        where = f"rule {index} ({', '.join(names[:3])}{'...' if len(names) > 3 else ''})"
+        if not names or not _applies(rule, docker_arch):
+            continue
+        action = _action(rule["action"], where)
+        if action != rule["action"]:
+            notes.append(f"{where}: {rule['action']} is applied as {action} (this runsc lacks the former)")
+        out: dict[str, Any] = {"names": names, "action": action}
+        if action == "SCMP_ACT_ERRNO":
+            wanted = rule.get("errnoRet", errno.EPERM)
+            if wanted == errno.ENOSYS:
+                notes.append(f"{where}: ENOSYS rule dropped (this runsc cannot return it; the sentry answers itself)")
+                continue
+            if wanted != errno.EPERM:
+                raise SeccompProfileError(
+                    f"seccomp {where} returns errno {wanted}; this runsc ignores errnoRet and would return EPERM"
+                )
+        if rule.get("args"):
+            out["args"] = [
+                {k: arg[k] for k in ("index", "value", "valueTwo", "op") if k in arg} for arg in rule["args"]
+            ]
+        rules.append(out)
+    section: dict[str, Any] = {"defaultAction": default, "syscalls": rules}
+    if arches:
+        section["architectures"] = arches
+    return section, notes
