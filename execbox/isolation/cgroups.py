@@ -73,6 +73,10 @@ class Cgroup(abc.ABC):
     @abc.abstractmethod
     def _dirs(self) -> list[Path]: ...
 
+    def procs_files(self) -> list[str]:
+        """The ``cgroup.procs`` files a process writes itself into to join this cgroup."""
+        return [str(path / "cgroup.procs") for path in self._dirs()]
+
     def kill_all(self, timeout_s: float = 5.0) -> None:
         """SIGKILL every process in the cgroup until it is empty."""
         deadline = time.monotonic() + timeout_s

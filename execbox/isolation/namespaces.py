@@ -28,18 +28,43 @@ from pathlib import Path
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, RunOutcome, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
+from execbox.isolation.forkserver import ForkServer, exit_pair
 from execbox.isolation.protocol import FrameReader, encode_request
 from execbox.isolation.seccomp import build_filter_fd
 from execbox.isolation.supervise import supervise, wait_ready
 from execbox.models import ExecutionRequest, Limits
 from execbox.runtimes import CONTROL_FD_ENV, DRIVER_MOUNT, EVENTS_FD_ENV, RUNTIME_MOUNT, WORKSPACE
 
-__all__ = ["NamespacesBackend", "NamespacesSandbox", "UidAllocator"]
+__all__ = ["NamespacesBackend", "NamespacesSandbox", "UidAllocator", "mount_plan"]
 
 _BWRAP = "/usr/bin/bwrap"
 _PRLIMIT = "/usr/bin/prlimit"
 _ETC_FILES_FROM_HOST = ("ld.so.cache", "localtime", "mime.types")
 _ETC_DIRS_FROM_HOST = ("ssl", "alternatives", "fonts")
+
+
+def mount_plan(spec: SandboxSpec, etc_dir: Path, runtime_target: str) -> list[tuple[str, str, str]]:
+    """The sandbox's file system, in order, as ``(op, a, b)``; one plan for every launcher.
+
+    ops: ``ro-bind``/``bind`` (host source, target), ``symlink`` (link text, path),
+    ``tmpfs`` (path, size in bytes), ``proc`` (path, ""), ``dev`` (path, "").
+    """
+    plan = [("ro-bind", "/usr", "/usr")]
+    for name in ("bin", "lib", "lib64", "sbin"):
+        host = Path("/", name)
+        if host.is_symlink():
+            plan.append(("symlink", os.readlink(host), f"/{name}"))
+        elif host.is_dir():
+            plan.append(("ro-bind", str(host), f"/{name}"))
+    plan.append(("ro-bind", str(etc_dir), "/etc"))
+    plan += [("ro-bind", f"/etc/{name}", f"/etc/{name}") for name in _ETC_DIRS_FROM_HOST if Path("/etc", name).is_dir()]
+    plan += [("proc", "/proc", ""), ("dev", "/dev", "")]
+    plan += [("tmpfs", "/tmp", str(spec.tmp_bytes)), ("tmpfs", "/dev/shm", str(spec.tmp_bytes))]
+    plan.append(("tmpfs", WORKSPACE, str(spec.workspace_bytes)))
+    plan.append(("ro-bind", str(spec.runtime_env_dir), runtime_target))
+    plan.append(("ro-bind", str(spec.runtime.driver_path), f"{DRIVER_MOUNT}/{spec.runtime.driver_path.name}"))
+    plan += [("bind" if m.writable else "ro-bind", str(m.source), m.target) for m in spec.mounts]
+    return plan
 
 
 class UidAllocator:
@@ -168,14 +193,23 @@ class NamespacesBackend(IsolationBackend):
 
     name = "namespaces"
 
-    def __init__(self, state_dir: Path, uid_base: int, uid_count: int, cgroups: CgroupManager | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        uid_base: int,
+        uid_count: int,
+        cgroups: CgroupManager | None = None,
+        forkserver: bool = True,
+    ) -> None:
         self._state_dir = state_dir / "namespaces"
+        self._use_forkserver = forkserver
+        self._forkservers: dict[str, ForkServer] = {}
         self._uids = UidAllocator(uid_base, uid_count)
         self._uid_range = (uid_base, uid_count)
         self._cgroups = cgroups or CgroupManager()
         self._filters: dict[bool, bytes] = {}
         self._etc_dir: Path | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # -- host checks -----------------------------------------------------------------
 
@@ -251,25 +285,13 @@ class NamespacesBackend(IsolationBackend):
         argv += [_BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
         if spec.network:
             argv.append("--share-net")
-        argv += ["--ro-bind", "/usr", "/usr"]
-        for name in ("bin", "lib", "lib64", "sbin"):
-            host = Path("/", name)
-            if host.is_symlink():
-                argv += ["--symlink", os.readlink(host), f"/{name}"]
-            elif host.is_dir():
-                argv += ["--ro-bind", str(host), f"/{name}"]
-        argv += ["--ro-bind", str(self._etc()), "/etc"]
-        for name in _ETC_DIRS_FROM_HOST:
-            if Path("/etc", name).is_dir():
-                argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-        argv += ["--proc", "/proc", "--dev", "/dev"]
-        argv += ["--size", str(spec.tmp_bytes), "--tmpfs", "/tmp"]
-        argv += ["--size", str(spec.tmp_bytes), "--tmpfs", "/dev/shm"]
-        argv += ["--size", str(spec.workspace_bytes), "--tmpfs", WORKSPACE]
-        argv += ["--ro-bind", str(spec.runtime_env_dir), RUNTIME_MOUNT]
-        argv += ["--ro-bind", str(spec.runtime.driver_path), f"{DRIVER_MOUNT}/{spec.runtime.driver_path.name}"]
-        for mount in spec.mounts:
-            argv += ["--bind" if mount.writable else "--ro-bind", str(mount.source), mount.target]
+        for op, a, b in mount_plan(spec, self._etc(), RUNTIME_MOUNT):
+            if op == "tmpfs":
+                argv += ["--size", b, "--tmpfs", a]
+            elif op in ("proc", "dev"):
+                argv += [f"--{op}", a]
+            else:
+                argv += [f"--{op}", a, b]
         argv += ["--remount-ro", "/", "--chdir", WORKSPACE, "--clearenv"]
         for key, value in spec.env.items():
             argv += ["--setenv", key, value]
@@ -282,6 +304,92 @@ class NamespacesBackend(IsolationBackend):
             raise SandboxStartError(
                 f"the {spec.runtime.name} runtime environment {spec.runtime_env_dir} is missing; run `execbox build`"
             )
+        if self._use_forkserver and spec.runtime.fork_server is not None:
+            return self._create_forked(spec)
+        return self._create_bwrap(spec)
+
+    def _forkserver(self, spec: SandboxSpec) -> ForkServer:
+        """The running zygote for this spec, started (or restarted) on demand."""
+        assert spec.runtime.fork_server is not None
+        key = repr(spec)
+        with self._lock:
+            server = self._forkservers.get(key)
+            if server is not None and server.alive:
+                return server
+            if server is not None:
+                server.close()
+            host_env = str(spec.runtime_env_dir)
+            env = {k: v.replace(RUNTIME_MOUNT, host_env) for k, v in spec.env.items()}
+            root = self._state_dir / "root"
+            root.mkdir(parents=True, exist_ok=True)
+            server = ForkServer(
+                spec.runtime_env_dir / "bin" / "python3",
+                spec.runtime.fork_server,
+                root_dir=root,
+                plan=mount_plan(spec, self._etc(), host_env),
+                seccomp_bpf=self._filter(spec.network),
+                env=env,
+                network=spec.network,
+                preload=env.pop("EXECBOX_PRELOAD", ""),
+            )
+            server.start()
+            self._forkservers[key] = server
+            return server
+
+    def _create_forked(self, spec: SandboxSpec) -> Sandbox:
+        """A sandbox cloned by the fork server: about the cost of a fork."""
+        server = self._forkserver(spec)
+        sandbox_id = f"ns-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        with contextlib.ExitStack() as stack:
+            uid = self._uids.acquire()
+            stack.callback(self._uids.release, uid)
+            cgroup = self._cgroups.create(sandbox_id, spec.memory_bytes, spec.pids_max, spec.cpus)
+            stack.callback(cgroup.remove)
+            fds: dict[str, int] = {}
+            stack.callback(_close_all, fds)
+            fds["control_r"], fds["control"] = os.pipe()
+            fds["events"], fds["events_w"] = os.pipe()
+            fds["stdout"], fds["stdout_w"] = os.pipe()
+            fds["stderr"], fds["stderr_w"] = os.pipe()
+            rlimits = {"nproc": spec.pids_max, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
+            child_ends = [fds["control_r"], fds["events_w"], fds["stdout_w"], fds["stderr_w"]]
+            pid = server.spawn(sandbox_id, uid, cgroup.procs_files(), rlimits, child_ends)
+            for name in ("control_r", "events_w", "stdout_w", "stderr_w"):
+                os.close(fds.pop(name))
+            fds["init_pidfd"] = pidfd = os.pidfd_open(pid)
+
+            def reap() -> None:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                try:
+                    server.wait_exit(pid, 10.0)
+                except TimeoutError as exc:
+                    raise SandboxError(f"sandbox {sandbox_id} (pid {pid}) did not exit after SIGKILL") from exc
+                finally:
+                    server.forget(pid)
+
+            stack.callback(reap)
+            reader = FrameReader()
+            try:
+                wait_ready(fds["events"], spec.startup_timeout_s, reader)
+            except SandboxError as exc:
+                stderr = _read_available(fds["stderr"])
+                raise SandboxStartError(f"sandbox {sandbox_id} did not start: {exc}; stderr: {stderr}") from exc
+            release = stack.pop_all()
+        return NamespacesSandbox(
+            spec,
+            sandbox_id,
+            init_pid=pid,
+            init_pidfd=pidfd,
+            cgroup=cgroup,
+            fds=fds,
+            reader=reader,
+            exit_status=lambda timeout_s: exit_pair(server.wait_exit(pid, timeout_s)),
+            running=lambda: server.running(pid),
+            release=release,
+        )
+
+    def _create_bwrap(self, spec: SandboxSpec) -> Sandbox:
         sandbox_id = f"ns-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         with contextlib.ExitStack() as stack:
             uid = self._uids.acquire()
@@ -372,6 +480,12 @@ class NamespacesBackend(IsolationBackend):
 
     def reap(self) -> int:
         return self._cgroups.reap()
+
+    def close(self) -> None:
+        with self._lock:
+            servers, self._forkservers = list(self._forkservers.values()), {}
+        for server in servers:
+            server.close()
 
 
 def _close_all(fds: dict[str, int]) -> None:

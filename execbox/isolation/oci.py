@@ -48,6 +48,7 @@ __all__ = [
     "build_config",
     "docker_profile_to_oci",
     "load_docker_profile",
+    "probe_config",
 ]
 
 #: duplicates the stdin socket to fds 3 and 4, puts /dev/null on stdin, execs the driver
@@ -126,7 +127,6 @@ def build_config(
         _bind(workspace_dir, WORKSPACE, writable=True),
         _bind(spec.runtime_env_dir, RUNTIME_MOUNT),
         _bind(driver, f"{DRIVER_MOUNT}/{driver.name}"),
-        *(_bind(p, p) for p in spec.runtime.extra_ro_paths),
         *(_bind(m.source, m.target, m.writable) for m in spec.mounts),
     ]
     env = {**spec.env, CONTROL_FD_ENV: str(_CONTROL_FD), EVENTS_FD_ENV: str(_EVENTS_FD)}
@@ -161,6 +161,32 @@ def build_config(
         "root": {"path": str(rootfs), "readonly": True},
         "hostname": "sandbox",
         "mounts": mounts,
+        "linux": linux,
+    }
+
+
+def probe_config(rootfs: Path, uid: int, seccomp: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A tiny sandbox running ``uname`` (prints ``Linux``), to test runsc for real.
+
+    With ``seccomp``, uname(2) is forbidden as well: a probe that still prints ``Linux``
+    means runsc ignored the profile.
+    """
+    linux: dict[str, Any] = {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]}
+    if seccomp is not None:
+        probe_rule = {"names": ["uname"], "action": "SCMP_ACT_ERRNO"}
+        linux["seccomp"] = {**seccomp, "syscalls": [*seccomp["syscalls"], probe_rule]}
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": uid, "gid": uid},
+            "args": ["/usr/bin/uname"],
+            "env": ["PATH=/usr/bin"],
+            "cwd": "/",
+            "capabilities": _NO_CAPABILITIES,
+            "noNewPrivileges": True,
+        },
+        "root": {"path": str(rootfs), "readonly": True},
+        "mounts": [_bind("/usr", "/usr")],
         "linux": linux,
     }
 

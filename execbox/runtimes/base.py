@@ -50,6 +50,8 @@ class Runtime:
     env: tuple[tuple[str, str], ...] = field(default=())
     #: host paths a sandbox needs read-only besides /usr (e.g. the interpreter if elsewhere)
     extra_ro_paths: tuple[str, ...] = field(default=())
+    #: host path of the runtime's fork server (zygote), if it has one
+    fork_server: Path | None = None
 
     @property
     def name(self) -> str:

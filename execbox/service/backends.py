@@ -23,7 +23,9 @@ def build_backend(name: str, settings: Settings) -> IsolationBackend:
     if name == "namespaces":
         from execbox.isolation.namespaces import NamespacesBackend
 
-        return NamespacesBackend(settings.state_dir, settings.uid_base, settings.uid_count)
+        return NamespacesBackend(
+            settings.state_dir, settings.uid_base, settings.uid_count, forkserver=settings.forkserver
+        )
     if name == "gvisor":
         try:
             module = importlib.import_module("execbox.isolation.gvisor")
