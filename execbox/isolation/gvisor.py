@@ -14,8 +14,8 @@ The user's code talks only to the gVisor sentry, never to the host kernel.
   ``<state_dir>/gvisor/work/<id>`` and bind-mounted read-write at ``/workspace``, so the
   host reads ``artifacts/`` through a plain directory fd; unmounted at destroy.
 * OOM: execbox creates the sandbox's memory/pids/cpu cgroups itself
-  (``/execbox-gvisor/<id>``, passed as ``linux.cgroupsPath``; runsc uses pre-created
-  cgroups and removes only those it created), so their counters outlive the sandbox.
+  (``/execbox-gvisor-<hash of the state dir>/<id>``, passed as ``linux.cgroupsPath``;
+  runsc uses pre-created cgroups and removes only those it created), so their counters outlive the sandbox.
   Going over the limit makes the host kernel SIGKILL the sentry: runsc exits 137 and
   the cgroup's ``memory.oom_control`` / ``memory.events`` ``oom_kill`` counter is > 0.
   ``oom_killed`` relies on that counter only. The limit is the execution's memory
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -216,7 +217,9 @@ class GVisorBackend(IsolationBackend):
         self._seccomp_profile = seccomp_profile
         self._runsc = runsc
         self._platform = platform
-        self._cgroups = cgroups or CgroupManager(parent=_CGROUP_PARENT)
+        # one cgroup parent per state directory: reap() never touches another instance's sandboxes
+        digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+        self._cgroups = cgroups or CgroupManager(parent=f"{_CGROUP_PARENT}-{digest}")
         self._seccomp: dict[Path, dict[str, Any]] = {}
         self._layout: tuple[Path, list[SystemBind]] | None = None
         self._lock = threading.Lock()
@@ -396,7 +399,7 @@ class GVisorBackend(IsolationBackend):
             stack.callback(cgroup.remove)
             config = build_config(
                 spec, uid=self._uid, rootfs=rootfs, system_binds=binds, workspace_dir=workspace,
-                cgroups_path=f"/{_CGROUP_PARENT}/{sandbox_id}", memory_limit_bytes=spec.memory_bytes + SENTRY_MEMORY_BYTES,
+                cgroups_path=f"/{self._cgroups.parent}/{sandbox_id}", memory_limit_bytes=spec.memory_bytes + SENTRY_MEMORY_BYTES,
                 pids_limit=PIDS_BACKSTOP, seccomp=seccomp,
             )
             (bundle / "config.json").write_text(json.dumps(config))
@@ -459,7 +462,7 @@ class GVisorBackend(IsolationBackend):
             for bundle in self._bundles.iterdir():
                 shutil.rmtree(bundle, ignore_errors=True)
                 reaped += 1
-        return reaped + _reap_cgroups(self._cgroups.root, _CGROUP_PARENT)
+        return reaped + _reap_cgroups(self._cgroups.root, self._cgroups.parent)
 
 
 def _reap_cgroups(root: Path, parent: str) -> int:
