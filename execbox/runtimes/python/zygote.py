@@ -9,8 +9,8 @@ network, IPC and UTS namespaces. The child, before any user code exists:
 2. builds its file system from the host's mount plan (read-only binds, tmpfs
    workspace, /tmp, /dev/shm, a minimal /dev, its own /proc), pivots into it and
    remounts the root read-only;
-3. sets its rlimits, drops to the sandbox's unprivileged uid/gid (which clears every
-   capability), sets no_new_privs and loads the seccomp filter;
+3. sets its rlimits, empties its capability bounding set, drops to the sandbox's
+   unprivileged uid/gid (which clears every capability), sets no_new_privs and loads the seccomp filter;
 4. keeps only its four channel fds (stdin is /dev/null) and becomes the driver.
 
 So a fresh sandbox costs about a fork, and ``import pandas`` in user code costs nothing.
@@ -49,7 +49,7 @@ CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 38, 22, 2
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 24, 38, 22, 2
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _RLIMITS = {"nproc": resource.RLIMIT_NPROC, "core": resource.RLIMIT_CORE,
             "fsize": resource.RLIMIT_FSIZE, "nofile": resource.RLIMIT_NOFILE}
@@ -139,6 +139,9 @@ def _child(config, request, fds):
                 os.close(fd)
             except OSError:
                 pass
+    for cap in range(64):  # empty the bounding set too: nothing can ever regain a capability
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 and ctypes.get_errno() == errno.EINVAL:
+            break
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # from root to a plain uid: every capability is dropped
