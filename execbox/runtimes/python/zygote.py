@@ -197,7 +197,12 @@ def main():
     os.environ.clear()
     os.environ.update(config["env"])
     os.environ["EXECBOX_PRELOAD"] = config.get("preload", "")
+    # matplotlib, if preloaded, reads the font cache prepared by `execbox build` (never the host's /tmp)
+    if os.environ.get("EXECBOX_MPL_CACHE"):
+        os.environ["MPLCONFIGDIR"] = os.environ["EXECBOX_MPL_CACHE"]
     driver.preload()
+    os.environ.clear()
+    os.environ.update(config["env"])
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
