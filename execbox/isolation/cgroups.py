@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from execbox.errors import BackendUnavailableError, SandboxError
+from execbox.isolation.owners import is_orphan
 
 __all__ = ["Cgroup", "CgroupManager"]
 
@@ -251,8 +252,7 @@ class CgroupManager:
             if parent.is_dir():
                 names.update(p.name for p in parent.iterdir() if p.is_dir())
         for name in sorted(names):
-            owner = name.split("-")[1] if name.count("-") >= 2 else ""
-            if owner.isdigit() and Path(f"/proc/{owner}").exists():
+            if not is_orphan(name):
                 continue
             group: Cgroup = (
                 _CgroupV2(name, self.root / self.parent / name)

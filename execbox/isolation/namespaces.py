@@ -21,7 +21,6 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartEr
 from execbox.isolation.base import IsolationBackend, RunOutcome, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
 from execbox.isolation.forkserver import ForkServer, exit_pair
+from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader, encode_request
 from execbox.isolation.seccomp import build_filter_fd
 from execbox.isolation.supervise import supervise, wait_ready
@@ -339,7 +339,7 @@ class NamespacesBackend(IsolationBackend):
     def _create_forked(self, spec: SandboxSpec) -> Sandbox:
         """A sandbox cloned by the fork server: about the cost of a fork."""
         server = self._forkserver(spec)
-        sandbox_id = f"ns-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        sandbox_id = sandbox_name("ns")
         with contextlib.ExitStack() as stack:
             uid = self._uids.acquire()
             stack.callback(self._uids.release, uid)
@@ -390,7 +390,7 @@ class NamespacesBackend(IsolationBackend):
         )
 
     def _create_bwrap(self, spec: SandboxSpec) -> Sandbox:
-        sandbox_id = f"ns-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        sandbox_id = sandbox_name("ns")
         with contextlib.ExitStack() as stack:
             uid = self._uids.acquire()
             stack.callback(self._uids.release, uid)

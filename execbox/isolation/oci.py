@@ -1,14 +1,16 @@
 """The OCI runtime config (``config.json``) of one gVisor sandbox, and the translation of a
-Docker-format seccomp profile into its ``linux.seccomp`` section. Pure: no I/O except
+Docker-format seccomp profile into its ``linux.seccomp`` section. Pure except
+:func:`prepare_rootfs` / :func:`make_mount_points` (the bundles' shared root skeleton) and
 :func:`load_docker_profile`.
 
 Driver channels: this runsc (2022-12) cannot pass extra fds into a sandbox (no
 ``--pass-fd`` / ``--preserve-fds``); it passes exactly its own stdin, stdout and stderr.
 So the host gives the sandbox a *socket* as stdin, and the container's first process is
-``/bin/sh -c 'exec "$@" 3<&0 4>&0 </dev/null'``: the shell duplicates the socket to fd 3
-(control, host -> driver) and fd 4 (events, driver -> host), puts ``/dev/null`` on stdin
-and execs the driver, which finds its channels at the usual fds. stdout and stderr stay
-exactly the program's own output, as in the namespaces backend.
+:data:`CHANNEL_SHELL`, ``/bin/sh -c 'unset PWD; exec "$@" 3<&0 4>&0 </dev/null'``: the
+shell duplicates the socket to fd 3 (control, host -> driver) and fd 4 (events, driver
+-> host), puts ``/dev/null`` on stdin and execs the driver, which finds its channels at
+the usual fds. stdout and stderr stay exactly the program's own output, as in the
+namespaces backend. No driver change is needed.
 
 Seccomp translation (``SANDBOX_ENABLE_SECCOMP``; runsc applies OCI seccomp inside the
 sandbox only with ``--oci-seccomp``): this runsc
@@ -24,13 +26,19 @@ sandbox only with ``--oci-seccomp``): this runsc
   would break glibc's thread creation). Any other non-EPERM errno is refused with
   :class:`SeccompProfileError`, never silently changed.
 
-Every change is reported in the ``notes`` returned with the section.
+Every change is reported in the ``notes`` returned with the section. The shipped
+``execbox/seccomp-profile-default.json`` is the deny-list form (default allow) of the
+namespaces backend's built-in filter (:mod:`execbox.isolation.seccomp`): its
+``KILLED_SYSCALLS`` and namespace-creating ``clone`` flags kill the process, ``clone3``
+and ``io_uring_*`` fail with ENOSYS; the socket-family rule is left to the backends'
+network isolation.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,16 +56,20 @@ __all__ = [
     "build_config",
     "docker_profile_to_oci",
     "load_docker_profile",
+    "make_mount_points",
+    "prepare_rootfs",
     "probe_config",
 ]
 
 #: duplicates the stdin socket to fds 3 and 4, puts /dev/null on stdin, execs the driver
-CHANNEL_SHELL = ("/bin/sh", "-c", 'exec "$@" 3<&0 4>&0 </dev/null', "execbox-driver")
+CHANNEL_SHELL = ("/bin/sh", "-c", 'unset PWD; exec "$@" 3<&0 4>&0 </dev/null', "execbox-driver")
 _CONTROL_FD = 3
 _EVENTS_FD = 4
 _CPU_PERIOD_US = 100_000
 _BIND_RO = ["rbind", "ro", "nosuid", "nodev"]
 _BIND_RW = ["rbind", "rw", "nosuid", "nodev"]
+_ETC_FILES_FROM_HOST = ("ld.so.cache", "localtime", "mime.types")
+_ETC_DIRS_FROM_HOST = ("ssl", "alternatives", "fonts")
 _NO_CAPABILITIES: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
 #: Docker's architecture names (includes.arches) and seccomp's, per host machine
 _ARCHES = {"x86_64": ("amd64", "SCMP_ARCH_X86_64"), "aarch64": ("arm64", "SCMP_ARCH_AARCH64")}
@@ -189,6 +201,58 @@ def probe_config(rootfs: Path, uid: int, seccomp: Mapping[str, Any] | None) -> d
         "mounts": [_bind("/usr", "/usr")],
         "linux": linux,
     }
+
+
+# -- the root skeleton (host I/O) -----------------------------------------------------
+
+
+def prepare_rootfs(directory: Path, uid: int) -> tuple[Path, list[SystemBind]]:
+    """Build (in place, idempotently) the shared read-only root skeleton of every bundle
+    (mount points, ``bin -> usr/bin`` style links) and a minimal ``/etc`` under ``directory``;
+    returns the skeleton and the system binds (``/usr``, ``/etc`` and host ``/etc`` dirs)."""
+    rootfs, etc = directory / "rootfs", directory / "etc"
+    binds = [SystemBind(Path("/usr"), "/usr")]
+    rootfs.mkdir(parents=True, exist_ok=True)
+    for name in ("bin", "lib", "lib64", "sbin"):
+        host = Path("/", name)
+        if host.is_symlink() and not (rootfs / name).is_symlink():
+            (rootfs / name).symlink_to(os.readlink(host))
+        elif host.is_dir() and not host.is_symlink():
+            binds.append(SystemBind(host, f"/{name}"))
+    for target in ("usr", "etc", "proc", "dev", "sys", "tmp", WORKSPACE, RUNTIME_MOUNT, DRIVER_MOUNT):
+        (rootfs / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    etc.mkdir(parents=True, exist_ok=True)
+    contents = {
+        "passwd": f"root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:{uid}:{uid}::/tmp:/usr/sbin/nologin\n".encode(),
+        "group": f"root:x:0:\nsandbox:x:{uid}:\n".encode(),
+        "hosts": b"127.0.0.1 localhost sandbox\n::1 localhost sandbox\n",
+        "hostname": b"sandbox\n",
+        "nsswitch.conf": b"passwd: files\ngroup: files\nhosts: files dns\n",
+    }
+    contents.update({n: Path("/etc", n).read_bytes() for n in _ETC_FILES_FROM_HOST if Path("/etc", n).is_file()})
+    for name, data in contents.items():
+        temporary = etc / f".{name}.{os.getpid()}.tmp"  # another instance may write too
+        temporary.write_bytes(data)
+        temporary.chmod(0o644)
+        os.replace(temporary, etc / name)
+    binds.append(SystemBind(etc, "/etc"))
+    for name in _ETC_DIRS_FROM_HOST:
+        (etc / name).mkdir(exist_ok=True)
+        if Path("/etc", name).is_dir():
+            binds.append(SystemBind(Path("/etc", name), f"/etc/{name}"))
+    return rootfs, binds
+
+
+def make_mount_points(rootfs: Path, spec: SandboxSpec) -> None:
+    """What a spec binds over must exist in the read-only skeleton (the driver file, mounts)."""
+    wanted = [(rootfs / DRIVER_MOUNT.lstrip("/") / spec.runtime.driver_path.name, False)]
+    wanted += [(rootfs / m.target.lstrip("/"), m.source.is_dir()) for m in spec.mounts]
+    for path, is_dir in wanted:
+        if is_dir:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
 
 
 # -- seccomp -------------------------------------------------------------------------
