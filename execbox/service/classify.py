@@ -112,7 +112,12 @@ def classify(
             status=Status.RUNTIME_ERROR, runtime_error_type=RuntimeErrorType.SIGNALLED, exit_code=-outcome.signal,
             detail=f"signalled:{name}", stderr=_append(stderr, f"Program killed by signal {name}"), **common,
         )
-    exit_code = outcome.exit_code or 0
+    if outcome.exit_code is None:  # ended without a report and without a known status
+        return ExecutionResult(
+            status=Status.RUNTIME_ERROR, runtime_error_type=RuntimeErrorType.SIGNALLED, exit_code=-1,
+            detail="unknown_exit", stderr=_append(stderr, "Program ended without an exit status"), **common,
+        )
+    exit_code = outcome.exit_code
     if exit_code == 0:
         return ExecutionResult(status=Status.SUCCESS, stderr=stderr, **common)
     return ExecutionResult(
