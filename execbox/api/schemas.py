@@ -8,7 +8,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from execbox.models import ExecutionResult, Language, ResourceLimitType, RuntimeErrorType, Status, UnauthorizedAccessType
+from execbox.models import (
+    ExecutionResult,
+    Language,
+    ResourceLimitType,
+    RuntimeErrorType,
+    Status,
+    UnauthorizedAccessType,
+)
 
 __all__ = ["ArtifactOut", "ExecuteRequest", "ExecuteResponse", "LimitsIn", "RunRequest", "RunResponse", "decode_code"]
 

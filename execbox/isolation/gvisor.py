@@ -46,9 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
-from execbox.isolation.base import IsolationBackend, RunOutcome, Sandbox, SandboxSpec
+from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
-from execbox.isolation.owners import is_orphan, sandbox_name
 from execbox.isolation.oci import (
     SeccompProfileError,
     SystemBind,
@@ -59,9 +58,9 @@ from execbox.isolation.oci import (
     prepare_rootfs,
     probe_config,
 )
-from execbox.isolation.protocol import FrameReader, encode_request
-from execbox.isolation.supervise import supervise, wait_ready
-from execbox.models import ExecutionRequest, Limits
+from execbox.isolation.owners import is_orphan, sandbox_name
+from execbox.isolation.protocol import FrameReader
+from execbox.isolation.supervise import SupervisedSandbox, wait_ready
 
 __all__ = ["PIDS_BACKSTOP", "SENTRY_MEMORY_BYTES", "GVisorBackend", "GVisorSandbox"]
 
@@ -77,7 +76,7 @@ _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 0x2, 0x4, 0x2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class GVisorSandbox(Sandbox):
+class GVisorSandbox(SupervisedSandbox):
     backend_name = "gvisor"
 
     def __init__(
@@ -94,71 +93,32 @@ class GVisorSandbox(Sandbox):
         delete_state: Callable[[str], None],
         release: contextlib.ExitStack,
     ) -> None:
-        super().__init__(spec, sandbox_id)
+        super().__init__(spec, sandbox_id, cgroup=cgroup, fds=fds, reader=reader, release=release)
         self._process = process
         self._sentry_pidfd = sentry_pidfd
-        self.cgroup = cgroup
-        self._fds = fds
-        self._reader = reader
         self._workspace_dir = workspace_dir
         self._delete_state = delete_state
-        self._release = release
-        self._used = False
-        self._destroyed = False
-        self._lock = threading.Lock()
 
     def _kill(self) -> None:
         """SIGKILL the sentry: every process of the sandbox ends with it."""
         _kill_pidfd(self._sentry_pidfd)
 
-    def alive(self) -> bool:
-        return not self._used and not self._destroyed and self._process.poll() is None
+    def _running(self) -> bool:
+        return self._process.poll() is None
 
-    def run(self, request: ExecutionRequest, limits: Limits) -> RunOutcome:
-        if self._used or self._destroyed:
-            raise SandboxError(f"sandbox {self.id} was already used")
-        self._used = True
-        if limits.memory_bytes < self.spec.memory_bytes:
-            self.cgroup.set_memory_limit(limits.memory_bytes + SENTRY_MEMORY_BYTES)
-        seen = supervise(
-            control_fd=self._fds["control"],
-            events_fd=self._fds["events"],
-            stdout_fd=self._fds["stdout"],
-            stderr_fd=self._fds["stderr"],
-            payload=encode_request(request),
-            wall_time_s=min(limits.wall_time_s, self.spec.wall_time_s),
-            output_bytes=min(limits.output_bytes, self.spec.output_bytes),
-            kill=self._kill,
-            reader=self._reader,
-        )
-        exit_code = signal_number = None
-        if seen.report is None:
-            try:
-                status = self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._kill()
-                status = self._process.wait(timeout=5)
-            # runsc exits with the driver's status, or 128 + the signal that ended it
-            # (137 also when the sentry itself was SIGKILLed: OOM, or by us)
-            if seen.timed_out or seen.output_capped:
-                pass  # we killed it: the verdict says why
-            elif status > 128 or status < 0:  # < 0: runsc itself was killed
-                signal_number = status - 128 if status > 128 else -status
-            else:
-                exit_code = status
-        return RunOutcome(
-            stdout=seen.stdout,
-            stderr=seen.stderr,
-            report=seen.report,
-            exit_code=exit_code,
-            signal=signal_number,
-            timed_out=seen.timed_out,
-            output_capped=seen.output_capped,
-            oom_killed=self.cgroup.oom_kills() > 0,
-            wall_time_ms=seen.wall_time_ms,
-            memory_peak_bytes=self.cgroup.memory_peak_bytes(),
-            cpu_time_ms=self.cgroup.cpu_time_ms(),
-        )
+    def _set_memory_limit(self, memory_bytes: int) -> None:
+        self.cgroup.set_memory_limit(memory_bytes + SENTRY_MEMORY_BYTES)
+
+    def _exit_status(self, timeout_s: float) -> tuple[int | None, int | None]:
+        try:
+            status = self._process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise TimeoutError(f"sandbox {self.id} still running") from exc
+        # runsc exits with the driver's status, or 128 + the signal that ended it
+        # (137 also when the sentry itself was SIGKILLed: OOM, or by us); < 0: runsc was killed
+        if status > 128 or status < 0:
+            return None, status - 128 if status > 128 else -status
+        return status, None
 
     def open_workspace(self) -> int:
         """The host-side workspace tmpfs: the very files the sandbox sees at /workspace."""
@@ -166,21 +126,14 @@ class GVisorSandbox(Sandbox):
             raise SandboxError(f"sandbox {self.id} has ended; its workspace is gone")
         return os.open(self._workspace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
-    def destroy(self) -> None:
-        with self._lock:
-            if self._destroyed:
-                return
-            self._destroyed = True
+    def _teardown(self) -> None:
+        self._kill()
         try:
-            self._kill()
-            try:
-                self._process.wait(timeout=10)  # runsc deletes the container's state and its cgroups
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout=10)
-            self._delete_state(self.id)
-        finally:
-            self._release.close()
+            self._process.wait(timeout=10)  # runsc deletes the container's state and its cgroups
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout=10)
+        self._delete_state(self.id)
 
 
 class GVisorBackend(IsolationBackend):

@@ -25,15 +25,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
-from execbox.isolation.base import IsolationBackend, RunOutcome, Sandbox, SandboxSpec
+from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
 from execbox.isolation.forkserver import ForkServer, exit_pair
 from execbox.isolation.owners import sandbox_name
-from execbox.isolation.protocol import FrameReader, encode_request
+from execbox.isolation.protocol import FrameReader
 from execbox.isolation.seccomp import build_filter_fd
-from execbox.isolation.supervise import supervise, wait_ready
-from execbox.models import ExecutionRequest, Limits
-from execbox.runtimes import CONTROL_FD_ENV, DRIVER_MOUNT, EVENTS_FD_ENV, RUNTIME_MOUNT, WORKSPACE
+from execbox.isolation.supervise import SupervisedSandbox, wait_ready
+from execbox.runtimes import (
+    CONTROL_FD_ENV,
+    DRIVER_MOUNT,
+    EVENTS_FD_ENV,
+    RUNTIME_MOUNT,
+    WORKSPACE,
+)
 
 __all__ = ["NamespacesBackend", "NamespacesSandbox", "UidAllocator", "mount_plan"]
 
@@ -85,12 +90,11 @@ class UidAllocator:
             self._free.append(uid)
 
 
-class NamespacesSandbox(Sandbox):
+class NamespacesSandbox(SupervisedSandbox):
     """A sandbox whose init (``init_pid``) heads fresh namespaces, in its own cgroup.
 
-    How it was started (bwrap, or a fork of the Python fork server) is hidden behind
-    ``exit_status``: a callable that waits up to its timeout for the sandbox's end and
-    returns ``(exit_code, None)`` or ``(None, signal)``, raising TimeoutError.
+    How it was started (bwrap, or a fork of the Python fork server) is hidden behind two
+    callables: ``exit_status`` (see SupervisedSandbox._exit_status) and ``running``.
     """
 
     backend_name = "namespaces"
@@ -109,65 +113,21 @@ class NamespacesSandbox(Sandbox):
         running: Callable[[], bool],
         release: contextlib.ExitStack,
     ) -> None:
-        super().__init__(spec, sandbox_id)
+        super().__init__(spec, sandbox_id, cgroup=cgroup, fds=fds, reader=reader, release=release)
         self.init_pid = init_pid
         self._init_pidfd = init_pidfd
-        self.cgroup = cgroup
-        self._fds = fds
-        self._reader = reader
-        self._exit_status = exit_status
-        self._running = running
-        self._release = release
-        self._used = False
-        self._destroyed = False
-        self._lock = threading.Lock()
+        self._exit_status_of = exit_status
+        self._running_of = running
 
     def _kill(self) -> None:
         with contextlib.suppress(ProcessLookupError, OSError):
             signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
 
-    def alive(self) -> bool:
-        return not self._used and not self._destroyed and self._running()
+    def _exit_status(self, timeout_s: float) -> tuple[int | None, int | None]:
+        return self._exit_status_of(timeout_s)
 
-    def run(self, request: ExecutionRequest, limits: Limits) -> RunOutcome:
-        if self._used or self._destroyed:
-            raise SandboxError(f"sandbox {self.id} was already used")
-        self._used = True
-        if limits.memory_bytes < self.spec.memory_bytes:
-            self.cgroup.set_memory_limit(limits.memory_bytes)
-        seen = supervise(
-            control_fd=self._fds["control"],
-            events_fd=self._fds["events"],
-            stdout_fd=self._fds["stdout"],
-            stderr_fd=self._fds["stderr"],
-            payload=encode_request(request),
-            wall_time_s=min(limits.wall_time_s, self.spec.wall_time_s),
-            output_bytes=min(limits.output_bytes, self.spec.output_bytes),
-            kill=self._kill,
-            reader=self._reader,
-        )
-        exit_code = signal_number = None
-        if seen.report is None:
-            try:
-                exit_code, signal_number = self._exit_status(5.0)
-            except TimeoutError:
-                self._kill()
-                exit_code, signal_number = self._exit_status(5.0)
-            if seen.timed_out or seen.output_capped:
-                exit_code = signal_number = None  # we killed it: the verdict says why
-        return RunOutcome(
-            stdout=seen.stdout,
-            stderr=seen.stderr,
-            report=seen.report,
-            exit_code=exit_code,
-            signal=signal_number,
-            timed_out=seen.timed_out,
-            output_capped=seen.output_capped,
-            oom_killed=self.cgroup.oom_kills() > 0,
-            wall_time_ms=seen.wall_time_ms,
-            memory_peak_bytes=self.cgroup.memory_peak_bytes(),
-            cpu_time_ms=self.cgroup.cpu_time_ms(),
-        )
+    def _running(self) -> bool:
+        return self._running_of()
 
     def open_workspace(self) -> int:
         """Open the live sandbox's workspace through its init's root, following no symlink."""
@@ -178,14 +138,6 @@ class NamespacesSandbox(Sandbox):
             return os.open(WORKSPACE.lstrip("/"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
         finally:
             os.close(root)
-
-    def destroy(self) -> None:
-        with self._lock:
-            if self._destroyed:
-                return
-            self._destroyed = True
-        self._kill()
-        self._release.close()
 
 
 class NamespacesBackend(IsolationBackend):

@@ -47,7 +47,13 @@ from typing import Any
 
 from execbox.errors import BackendUnavailableError
 from execbox.isolation.base import SandboxSpec
-from execbox.runtimes import CONTROL_FD_ENV, DRIVER_MOUNT, EVENTS_FD_ENV, RUNTIME_MOUNT, WORKSPACE
+from execbox.runtimes import (
+    CONTROL_FD_ENV,
+    DRIVER_MOUNT,
+    EVENTS_FD_ENV,
+    RUNTIME_MOUNT,
+    WORKSPACE,
+)
 
 __all__ = [
     "CHANNEL_SHELL",

@@ -3,18 +3,22 @@ deadline and an output cap. Shared by every backend whose driver talks over pipe
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import selectors
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from execbox.errors import SandboxProtocolError
-from execbox.isolation.base import DriverReport
-from execbox.isolation.protocol import FrameReader, parse_report
+from execbox.errors import SandboxError, SandboxProtocolError
+from execbox.isolation.base import DriverReport, RunOutcome, Sandbox, SandboxSpec
+from execbox.isolation.cgroups import Cgroup
+from execbox.isolation.protocol import FrameReader, encode_request, parse_report
+from execbox.models import ExecutionRequest, Limits
 
-__all__ = ["Supervised", "supervise", "wait_ready"]
+__all__ = ["Supervised", "SupervisedSandbox", "supervise", "wait_ready"]
 
 _CHUNK = 65536
 #: how long output may keep arriving after the driver's report or death
@@ -140,3 +144,101 @@ def supervise(
         stdout = stdout[:output_bytes]
         stderr = stderr[: max(0, output_bytes - len(stdout))]
     return Supervised(stdout, stderr, report, timed_out, capped, wall_ms)
+
+
+class SupervisedSandbox(Sandbox):
+    """A sandbox in a cgroup whose driver talks over pipes: the one ``run`` of every backend.
+
+    Subclasses say how to kill it (``_kill``), how it ended (``_exit_status``: waits up to
+    its timeout, returns ``(exit_code, None)`` or ``(None, signal)``, raises TimeoutError),
+    whether it still runs (``_running``), and what ``destroy`` does (``_teardown``).
+    ``fds`` holds the host ends ``control``, ``events``, ``stdout``, ``stderr``; ``release``
+    undoes everything the sandbox holds on the host.
+    """
+
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        sandbox_id: str,
+        *,
+        cgroup: Cgroup,
+        fds: dict[str, int],
+        reader: FrameReader,
+        release: contextlib.ExitStack,
+    ) -> None:
+        super().__init__(spec, sandbox_id)
+        self.cgroup = cgroup
+        self._fds = fds
+        self._reader = reader
+        self._release = release
+        self._used = False
+        self._destroyed = False
+        self._lock = threading.Lock()
+
+    @abc.abstractmethod
+    def _kill(self) -> None: ...
+
+    @abc.abstractmethod
+    def _exit_status(self, timeout_s: float) -> tuple[int | None, int | None]: ...
+
+    @abc.abstractmethod
+    def _running(self) -> bool: ...
+
+    def _set_memory_limit(self, memory_bytes: int) -> None:
+        self.cgroup.set_memory_limit(memory_bytes)
+
+    def _teardown(self) -> None:
+        self._kill()
+
+    def alive(self) -> bool:
+        return not self._used and not self._destroyed and self._running()
+
+    def run(self, request: ExecutionRequest, limits: Limits) -> RunOutcome:
+        if self._used or self._destroyed:
+            raise SandboxError(f"sandbox {self.id} was already used")
+        self._used = True
+        if limits.memory_bytes < self.spec.memory_bytes:
+            self._set_memory_limit(limits.memory_bytes)
+        seen = supervise(
+            control_fd=self._fds["control"],
+            events_fd=self._fds["events"],
+            stdout_fd=self._fds["stdout"],
+            stderr_fd=self._fds["stderr"],
+            payload=encode_request(request),
+            wall_time_s=min(limits.wall_time_s, self.spec.wall_time_s),
+            output_bytes=min(limits.output_bytes, self.spec.output_bytes),
+            kill=self._kill,
+            reader=self._reader,
+        )
+        exit_code = signal_number = None
+        if seen.report is None:
+            try:
+                exit_code, signal_number = self._exit_status(5.0)
+            except TimeoutError:
+                self._kill()
+                exit_code, signal_number = self._exit_status(5.0)
+            if seen.timed_out or seen.output_capped:
+                exit_code = signal_number = None  # we killed it: the verdict says why
+        return RunOutcome(
+            stdout=seen.stdout,
+            stderr=seen.stderr,
+            report=seen.report,
+            exit_code=exit_code,
+            signal=signal_number,
+            timed_out=seen.timed_out,
+            output_capped=seen.output_capped,
+            oom_killed=self.cgroup.oom_kills() > 0,
+            wall_time_ms=seen.wall_time_ms,
+            memory_peak_bytes=self.cgroup.memory_peak_bytes(),
+            cpu_time_ms=self.cgroup.cpu_time_ms(),
+        )
+
+    def destroy(self) -> None:
+        with self._lock:
+            if self._destroyed:
+                return
+            self._destroyed = True
+        try:
+            self._teardown()
+        finally:
+            self._release.close()

@@ -18,7 +18,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from execbox.errors import ExecboxError, PoolBusyError, PoolClosedError, SandboxStartError
+from execbox.errors import (
+    ExecboxError,
+    PoolBusyError,
+    PoolClosedError,
+    SandboxStartError,
+)
 from execbox.isolation.base import Sandbox
 
 __all__ = ["PoolStats", "SandboxPool"]

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from execbox.errors import BadRequestError
 from execbox.models import Language
-from execbox.runtimes.base import CONTROL_FD_ENV, DRIVER_MOUNT, EVENTS_FD_ENV, RUNTIME_MOUNT, WORKSPACE, Runtime
+from execbox.runtimes.base import (
+    CONTROL_FD_ENV,
+    DRIVER_MOUNT,
+    EVENTS_FD_ENV,
+    RUNTIME_MOUNT,
+    WORKSPACE,
+    Runtime,
+)
 from execbox.runtimes.nodejs import NODEJS
 from execbox.runtimes.python import PYTHON
 

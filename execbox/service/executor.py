@@ -21,7 +21,13 @@ from execbox.policy import inspect_code
 from execbox.pool import PoolStats, SandboxPool
 from execbox.runtimes import RUNTIMES, get_runtime
 from execbox.service.backends import select_backend
-from execbox.service.classify import EXIT_BUSY, EXIT_INTERNAL, EXIT_UNSAFE, classify, runner_error
+from execbox.service.classify import (
+    EXIT_BUSY,
+    EXIT_INTERNAL,
+    EXIT_UNSAFE,
+    classify,
+    runner_error,
+)
 from execbox.service.specs import sandbox_spec
 from execbox.settings import CodeCheckMode, Settings
 
