@@ -48,7 +48,8 @@ def run(
     """Run FILE once in a fresh sandbox and print the result as JSON."""
     from execbox.service.executor import Executor
 
-    overrides: dict[str, Any] = {"backend": backend} if backend else {}
+    # one execution: a bwrap sandbox starts faster than the fork server preloads its modules
+    overrides: dict[str, Any] = {"forkserver": False, **({"backend": backend} if backend else {})}
     settings = _settings(**overrides)
     lang = language or ("nodejs" if file.suffix in (".js", ".mjs", ".cjs") else "python")
     try:

@@ -64,6 +64,7 @@ class ForkServer:
         self._spawns: dict[str, Future[int]] = {}
         self._exits: dict[int, int] = {}
         self._alive = False
+        self._closing = False
 
     @property
     def alive(self) -> bool:
@@ -132,7 +133,7 @@ class ForkServer:
                 future.set_exception(SandboxStartError("the Python fork server exited"))
             self._spawns.clear()
             self._state.notify_all()
-        if self._sock is not None and self._sock.fileno() >= 0:  # not closed by us
+        if not self._closing:
             log.warning("the Python fork server exited (status %s)", self._process.poll() if self._process else None)
 
     def spawn(self, sandbox_id: str, uid: int, cgroup_procs: list[str], rlimits: dict[str, int], fds: list[int]) -> int:
@@ -169,6 +170,7 @@ class ForkServer:
 
     def close(self) -> None:
         """Stop the zygote; it SIGKILLs any child still running."""
+        self._closing = True
         self._alive = False
         if self._sock is not None:
             with contextlib.suppress(OSError):
@@ -183,7 +185,12 @@ class ForkServer:
 
 
 def exit_pair(status: int) -> tuple[int | None, int | None]:
-    """A raw wait status as ``(exit_code, None)`` or ``(None, signal)``."""
+    """A sandbox init's raw wait status as ``(exit_code, None)`` or ``(None, signal)``.
+
+    The init ends with the driver's exit code, or 128 + the signal that killed the driver;
+    if the init itself was killed (by us, or the OOM killer), that signal counts.
+    """
     if os.WIFSIGNALED(status):
         return None, os.WTERMSIG(status)
-    return os.WEXITSTATUS(status), None
+    code = os.WEXITSTATUS(status)
+    return (None, code - 128) if code > 128 else (code, None)

@@ -14,11 +14,13 @@ while bwrap waits on ``--block-fd``, before any user code exists.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -199,26 +201,43 @@ class NamespacesBackend(IsolationBackend):
             return self._filters[network]
 
     def _etc(self) -> Path:
-        """A minimal /etc for sandboxes: users, hosts, and the host's loader cache and certificates."""
+        """A minimal /etc for sandboxes: users, hosts, and the host's loader cache and certificates.
+
+        Named by a hash of its content and published by an atomic rename, never changed
+        or deleted afterwards: services sharing a state directory never see it half-built.
+        """
         with self._lock:
             if self._etc_dir is not None:
                 return self._etc_dir
-            etc = self._state_dir / "etc"
-            shutil.rmtree(etc, ignore_errors=True)
-            etc.mkdir(parents=True)
             base, count = self._uid_range
             users = [f"sandbox{uid - base}:x:{uid}:{uid}:sandbox:/tmp:/usr/sbin/nologin" for uid in range(base, base + count)]
-            (etc / "passwd").write_text("\n".join(["root:x:0:0:root:/root:/usr/sbin/nologin", *users]) + "\n")
             groups = [f"sandbox{gid - base}:x:{gid}:" for gid in range(base, base + count)]
-            (etc / "group").write_text("\n".join(["root:x:0:", *groups]) + "\n")
-            (etc / "hosts").write_text("127.0.0.1 localhost sandbox\n::1 localhost sandbox\n")
-            (etc / "hostname").write_text("sandbox\n")
-            (etc / "nsswitch.conf").write_text("passwd: files\ngroup: files\nhosts: files dns\n")
+            files = {
+                "passwd": "\n".join(["root:x:0:0:root:/root:/usr/sbin/nologin", *users]) + "\n",
+                "group": "\n".join(["root:x:0:", *groups]) + "\n",
+                "hosts": "127.0.0.1 localhost sandbox\n::1 localhost sandbox\n",
+                "hostname": "sandbox\n",
+                "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+            }
+            contents = {name: text.encode() for name, text in files.items()}
             for name in _ETC_FILES_FROM_HOST:
                 if Path("/etc", name).is_file():
-                    shutil.copyfile(Path("/etc", name), etc / name)
-            for name in _ETC_DIRS_FROM_HOST:
-                (etc / name).mkdir(exist_ok=True)
+                    contents[name] = Path("/etc", name).read_bytes()
+            digest = hashlib.sha256(json.dumps({k: v.hex() for k, v in sorted(contents.items())}).encode()).hexdigest()
+            etc = self._state_dir / f"etc-{digest[:16]}"
+            if not etc.is_dir():
+                self._state_dir.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(prefix=".etc-", dir=self._state_dir))
+                for name, data in contents.items():
+                    (staging / name).write_bytes(data)
+                    (staging / name).chmod(0o644)
+                for name in _ETC_DIRS_FROM_HOST:
+                    (staging / name).mkdir()
+                staging.chmod(0o755)
+                try:
+                    os.rename(staging, etc)
+                except OSError:  # published meanwhile by another process: same content
+                    shutil.rmtree(staging, ignore_errors=True)
             self._etc_dir = etc
             return etc
 

@@ -11,7 +11,8 @@ network, IPC and UTS namespaces. The child, before any user code exists:
    remounts the root read-only;
 3. sets its rlimits, empties its capability bounding set, drops to the sandbox's
    unprivileged uid/gid (which clears every capability), sets no_new_privs and loads the seccomp filter;
-4. keeps only its four channel fds (stdin is /dev/null) and becomes the driver.
+4. keeps only its four channel fds (stdin is /dev/null) and forks the driver, staying
+   behind as the sandbox's init (pid 1 reaps, and ends with the driver's status).
 
 So a fresh sandbox costs about a fork, and ``import pandas`` in user code costs nothing.
 The zygote holds no secret: its environment is the sandbox's and its only fd is the socket.
@@ -152,12 +153,32 @@ def _child(config, request, fds):
     prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
     os.chdir("/workspace")
-    sys.stdin = open(0, "r", closefd=False)
-    sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
-    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
-    os.environ.clear()
-    os.environ.update(config["env"])
-    driver.serve(control, events)
+    driver_pid = os.fork()  # the program must not be pid 1, whose signals the kernel filters
+    if driver_pid == 0:
+        sys.stdin = open(0, "r", closefd=False)
+        sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+        os.environ.clear()
+        os.environ.update(config["env"])
+        driver.serve(control, events)
+        os._exit(0)
+    _init(driver_pid, (control, events, 0, 1, 2))
+
+
+def _init(driver_pid, fds):
+    """pid 1 of the sandbox: reap every process; end with the driver's status as bwrap does
+    (its exit code, or 128 + the signal that killed it); its end ends the namespace."""
+    for fd in fds:
+        os.close(fd)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        except InterruptedError:
+            continue
+        if pid == driver_pid:
+            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
 
 
 def _spawn(config, request, fds):
