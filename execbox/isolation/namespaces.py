@@ -14,6 +14,7 @@ while bwrap waits on ``--block-fd``, before any user code exists.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -42,9 +43,11 @@ from execbox.runtimes import (
     WORKSPACE,
 )
 
-__all__ = ["NamespacesBackend", "NamespacesSandbox", "UidAllocator", "mount_plan"]
+__all__ = ["UID_LOCK_DIR", "NamespacesBackend", "NamespacesSandbox", "UidAllocator", "mount_plan"]
 
 _BWRAP = "/usr/bin/bwrap"
+#: host-wide uid claims (a tmpfs: emptied at boot, like the claims themselves)
+UID_LOCK_DIR = Path("/run/execbox/uids")
 _PRLIMIT = "/usr/bin/prlimit"
 _ETC_FILES_FROM_HOST = ("ld.so.cache", "localtime", "mime.types")
 _ETC_DIRS_FROM_HOST = ("ssl", "alternatives", "fonts")
@@ -75,20 +78,39 @@ def mount_plan(spec: SandboxSpec, etc_dir: Path, runtime_target: str) -> list[tu
 
 
 class UidAllocator:
-    """Hands out one host uid per live sandbox from a fixed range (thread-safe)."""
+    """Hands out one host uid per live sandbox from a fixed range (thread-safe).
 
-    def __init__(self, base: int, count: int) -> None:
+    A uid is also claimed host-wide with an ``flock`` on ``<lock_dir>/<uid>``, held while
+    the sandbox lives (the kernel drops it if the process dies), so two execbox processes
+    on one host (a service, ``execbox run``, a test suite) never share a uid, and per-uid
+    limits such as RLIMIT_NPROC never couple their sandboxes.
+    """
+
+    def __init__(self, base: int, count: int, lock_dir: Path) -> None:
         self._free = list(range(base + count - 1, base - 1, -1))
+        self._held: dict[int, int] = {}
+        self._lock_dir = lock_dir
         self._lock = threading.Lock()
 
     def acquire(self) -> int:
         with self._lock:
-            if not self._free:
-                raise SandboxStartError("no free sandbox uid; raise SANDBOX_UID_COUNT")
-            return self._free.pop()
+            self._lock_dir.mkdir(parents=True, exist_ok=True)
+            for _ in range(len(self._free)):
+                uid = self._free.pop()
+                fd = os.open(self._lock_dir / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another execbox process holds it
+                    os.close(fd)
+                    self._free.insert(0, uid)
+                    continue
+                self._held[uid] = fd
+                return uid
+            raise SandboxStartError("no free sandbox uid; raise SANDBOX_UID_COUNT")
 
     def release(self, uid: int) -> None:
         with self._lock:
+            os.close(self._held.pop(uid))
             self._free.append(uid)
 
 
@@ -158,7 +180,7 @@ class NamespacesBackend(IsolationBackend):
         self._state_dir = state_dir / "namespaces"
         self._use_forkserver = forkserver
         self._forkservers: dict[str, ForkServer] = {}
-        self._uids = UidAllocator(uid_base, uid_count)
+        self._uids = UidAllocator(uid_base, uid_count, UID_LOCK_DIR)
         self._uid_range = (uid_base, uid_count)
         self._cgroups = cgroups or CgroupManager()
         self._filters: dict[bool, bytes] = {}
