@@ -138,6 +138,7 @@ def serve(
         host=host or settings.bind_host,
         port=port or settings.executor_manager_port,
         log_level=settings.log_level,
+        access_log=settings.log_level == "debug",  # each execution already logs one structured line
         timeout_graceful_shutdown=int(settings.timeout) + 5,
     )
 

@@ -128,7 +128,9 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path("/var/lib/execbox"), description="runtime environments and sandbox state")
     uid_base: int = Field(60001, ge=1000, description="first uid/gid of sandboxes (one per live sandbox)")
     uid_count: int = Field(1000, ge=16, description="size of the sandbox uid range")
-    python_preload: str = Field("numpy,pandas,matplotlib.pyplot", description="modules the Python fork server imports once, before any request")
+    python_preload: str = Field(
+        "numpy,pandas,matplotlib.pyplot", description="modules the Python fork server imports once for all sandboxes",
+    )
     forkserver: bool = Field(True, description="Python sandboxes are forked from a warm fork server (namespaces backend)")
     bind_host: str = Field("0.0.0.0", description="address the HTTP service listens on")
     log_level: str = Field("info", description="debug | info | warning | error")

@@ -50,6 +50,8 @@ class SandboxSpec:
     file_size_max_bytes: int = 64 << 20
     mounts: tuple[Mount, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    #: modules a fork server imports once for all its sandboxes (backends without one ignore it)
+    preload_modules: tuple[str, ...] = ()
     startup_timeout_s: float = 30.0
 
     def limits(self) -> Limits:

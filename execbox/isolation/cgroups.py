@@ -1,7 +1,7 @@
 """Per-sandbox cgroups: memory, pids and CPU limits, OOM detection, peak usage, kill-all.
 
 cgroup v2 is used where the kernel offers its controllers at ``/sys/fs/cgroup``;
-otherwise the v1 hierarchies (``memory``, ``pids``, ``cpu``, ``cpuacct``, ``freezer``).
+otherwise the v1 hierarchies (``memory``, ``pids``, ``cpu``, ``cpuacct``).
 Every sandbox cgroup lives under one ``execbox`` parent so that start-up can reap what
 a crashed service left behind.
 """
@@ -21,7 +21,7 @@ from execbox.isolation.owners import is_orphan
 
 __all__ = ["Cgroup", "CgroupManager"]
 
-_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 _CPU_PERIOD_US = 100_000
 
 

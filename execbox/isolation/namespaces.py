@@ -49,6 +49,7 @@ _BWRAP = "/usr/bin/bwrap"
 #: host-wide uid claims (a tmpfs: emptied at boot, like the claims themselves)
 UID_LOCK_DIR = Path("/run/execbox/uids")
 _PRLIMIT = "/usr/bin/prlimit"
+_SETPRIV = "/usr/bin/setpriv"
 _ETC_FILES_FROM_HOST = ("ld.so.cache", "localtime", "mime.types")
 _ETC_DIRS_FROM_HOST = ("ssl", "alternatives", "fonts")
 
@@ -180,6 +181,7 @@ class NamespacesBackend(IsolationBackend):
         self._state_dir = state_dir / "namespaces"
         self._use_forkserver = forkserver
         self._forkservers: dict[str, ForkServer] = {}
+        self._spec_keys: dict[int, str] = {}
         self._uids = UidAllocator(uid_base, uid_count, UID_LOCK_DIR)
         self._uid_range = (uid_base, uid_count)
         self._cgroups = cgroups or CgroupManager()
@@ -194,8 +196,9 @@ class NamespacesBackend(IsolationBackend):
             raise BackendUnavailableError("bubblewrap is not installed: apt-get install bubblewrap")
         if os.geteuid() != 0:
             raise BackendUnavailableError("the namespaces backend needs root (cgroups, per-sandbox uids)")
-        if not Path(_PRLIMIT).exists():
-            raise BackendUnavailableError("prlimit is missing: apt-get install util-linux")
+        for tool in (_PRLIMIT, _SETPRIV):
+            if not Path(tool).exists():
+                raise BackendUnavailableError(f"{tool} is missing: apt-get install util-linux")
         self._cgroups.check()
         self._filter(network=False)
         probe = subprocess.run(
@@ -265,9 +268,15 @@ class NamespacesBackend(IsolationBackend):
 
     # -- sandboxes -------------------------------------------------------------------
 
-    def _bwrap_argv(self, spec: SandboxSpec, fds: dict[str, int]) -> list[str]:
-        # rlimits are set by prlimit(1), already running as the sandbox uid, then inherited
+    def _bwrap_argv(self, spec: SandboxSpec, fds: dict[str, int], uid: int) -> list[str]:
+        # setpriv(1) drops to the sandbox uid (so the service can vfork: no Popen(user=...)),
+        # then prlimit(1) sets the rlimits that bwrap and the program inherit
         argv = [
+            _SETPRIV,
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            "--",
             _PRLIMIT,
             f"--nproc={spec.pids_max}",
             "--core=0",
@@ -304,7 +313,9 @@ class NamespacesBackend(IsolationBackend):
     def _forkserver(self, spec: SandboxSpec) -> ForkServer:
         """The running zygote for this spec, started (or restarted) on demand."""
         assert spec.runtime.fork_server is not None
-        key = repr(spec)
+        key = self._spec_keys.get(id(spec))
+        if key is None:  # specs are built once per pool: compute the key once
+            key = self._spec_keys.setdefault(id(spec), repr(spec))
         with self._lock:
             server = self._forkservers.get(key)
             if server is not None and server.alive:
@@ -323,7 +334,7 @@ class NamespacesBackend(IsolationBackend):
                 seccomp_bpf=self._filter(spec.network),
                 env=env,
                 network=spec.network,
-                preload=env.pop("EXECBOX_PRELOAD", ""),
+                preload=",".join(spec.preload_modules),
             )
             server.start()
             self._forkservers[key] = server
@@ -404,7 +415,7 @@ class NamespacesBackend(IsolationBackend):
             fds["seccomp"] = os.memfd_create("execbox-seccomp")
             os.write(fds["seccomp"], self._filter(spec.network))
             os.lseek(fds["seccomp"], 0, os.SEEK_SET)
-            argv = self._bwrap_argv(spec, fds)
+            argv = self._bwrap_argv(spec, fds, uid)
             try:
                 process = subprocess.Popen(
                     argv,
@@ -412,9 +423,6 @@ class NamespacesBackend(IsolationBackend):
                     stdout=fds["stdout_w"],
                     stderr=fds["stderr_w"],
                     pass_fds=(fds["seccomp"], fds["info_w"], fds["block_r"], fds["control_r"], fds["events_w"]),
-                    user=uid,
-                    group=uid,
-                    extra_groups=[],
                     env={},
                     start_new_session=True,
                 )

@@ -31,8 +31,6 @@ def sandbox_spec(settings: Settings, runtime: Runtime) -> SandboxSpec:
     env.update({k: os.environ[k] for k in PASSED_HOST_VARIABLES if k in os.environ})
     if runtime.language is Language.PYTHON:
         env["EXECBOX_MPL_CACHE"] = f"{RUNTIME_MOUNT}/mplconfig"
-        if settings.preload_modules:
-            env["EXECBOX_PRELOAD"] = ",".join(settings.preload_modules)
     return SandboxSpec(
         runtime=runtime,
         runtime_env_dir=runtime.env_dir(settings.runtime_dir),
@@ -47,4 +45,5 @@ def sandbox_spec(settings: Settings, runtime: Runtime) -> SandboxSpec:
         seccomp_profile=SECCOMP_PROFILE if settings.enable_seccomp else None,
         file_size_max_bytes=settings.max_disk,
         env=env,
+        preload_modules=settings.preload_modules if runtime.language is Language.PYTHON else (),
     )

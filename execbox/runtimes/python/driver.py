@@ -182,5 +182,4 @@ def serve(control_fd, events_fd):
 
 
 if __name__ == "__main__":
-    preload()
     serve(int(os.environ.pop("EXECBOX_CONTROL_FD")), int(os.environ.pop("EXECBOX_EVENTS_FD")))

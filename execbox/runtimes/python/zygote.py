@@ -27,6 +27,7 @@ Socket messages (JSON, one per datagram): host -> zygote ``{"op": "init", ...}``
 import base64
 import ctypes
 import errno
+import gc
 import json
 import os
 import resource
@@ -222,6 +223,8 @@ def main():
     if os.environ.get("EXECBOX_MPL_CACHE"):
         os.environ["MPLCONFIGDIR"] = os.environ["EXECBOX_MPL_CACHE"]
     driver.preload()
+    gc.collect()
+    gc.freeze()  # preloaded objects stay out of the children's collections: fewer copy-on-write faults
     os.environ.clear()
     os.environ.update(config["env"])
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
