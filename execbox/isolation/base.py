@@ -50,6 +50,9 @@ class SandboxSpec:
     file_size_max_bytes: int = 64 << 20
     mounts: tuple[Mount, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    #: nice value while a sandbox is built and waits warm; its program runs at 0 (see Sandbox.run),
+    #: so refilling the pool yields the CPU to executions that are running
+    warm_nice: int = 10
     #: modules a fork server imports once for all its sandboxes (backends without one ignore it)
     preload_modules: tuple[str, ...] = ()
     startup_timeout_s: float = 30.0

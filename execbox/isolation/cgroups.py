@@ -74,6 +74,14 @@ class Cgroup(abc.ABC):
     @abc.abstractmethod
     def _dirs(self) -> list[Path]: ...
 
+    def threads(self) -> list[int]:
+        """Every thread (task id) in the cgroup."""
+        found: set[int] = set()
+        for path in self._dirs():
+            name = "cgroup.threads" if (path / "cgroup.threads").exists() else "tasks"
+            found.update(int(t) for t in _read(path / name).split())
+        return sorted(found)
+
     def procs_files(self) -> list[str]:
         """The ``cgroup.procs`` files a process writes itself into to join this cgroup."""
         return [str(path / "cgroup.procs") for path in self._dirs()]

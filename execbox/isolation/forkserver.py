@@ -45,6 +45,7 @@ class ForkServer:
         env: Mapping[str, str],
         network: bool,
         preload: str,
+        nice: int = 0,
     ) -> None:
         self._python = python
         self._zygote = zygote
@@ -56,6 +57,7 @@ class ForkServer:
             "env": dict(env),
             "network": network,
             "preload": preload,
+            "nice": nice,
         }
         self._sock: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None

@@ -48,6 +48,12 @@ from typing import Any
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
+from execbox.isolation.hostproc import (
+    close_all,
+    kill_pidfd,
+    kill_process,
+    read_available,
+)
 from execbox.isolation.oci import (
     SeccompProfileError,
     SystemBind,
@@ -101,10 +107,23 @@ class GVisorSandbox(SupervisedSandbox):
 
     def _kill(self) -> None:
         """SIGKILL the sentry: every process of the sandbox ends with it."""
-        _kill_pidfd(self._sentry_pidfd)
+        kill_pidfd(self._sentry_pidfd)
 
     def _running(self) -> bool:
         return self._process.poll() is None
+
+    def _host_threads(self) -> list[int]:
+        """The sentry's threads (in the cgroup) and those of runsc and its gofer (outside it)."""
+        tids = set(self.cgroup.threads())
+        pending = [self._process.pid]
+        while pending:
+            pid = pending.pop()
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    tids.add(int(task))
+                    with contextlib.suppress(OSError):
+                        pending += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        return sorted(tids)
 
     def _set_memory_limit(self, memory_bytes: int) -> None:
         self.cgroup.set_memory_limit(memory_bytes + SENTRY_MEMORY_BYTES)
@@ -301,7 +320,7 @@ class GVisorBackend(IsolationBackend):
             )  # fmt: skip
             (bundle / "config.json").write_text(json.dumps(config))
             fds: dict[str, int] = {}
-            stack.callback(_close_all, fds)
+            stack.callback(close_all, fds)
             host_end, sandbox_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             fds["control"], fds["channel"] = host_end.detach(), sandbox_end.detach()
             fds["events"] = os.dup(fds["control"])  # supervise() wants one fd per direction
@@ -311,6 +330,7 @@ class GVisorBackend(IsolationBackend):
                 *_seccomp_flags(seccomp), f"--log={bundle / 'runsc.log'}", "run",
                 "--bundle", str(bundle), "--pid-file", str(bundle / "sandbox.pid"), sandbox_id,
             )  # fmt: skip
+            argv = ["/usr/bin/nice", f"--adjustment={spec.warm_nice}", *argv]  # at 0 once leased
             try:
                 process = subprocess.Popen(
                     argv, stdin=fds["channel"], stdout=fds["stdout_w"], stderr=fds["stderr_w"],
@@ -319,7 +339,7 @@ class GVisorBackend(IsolationBackend):
             except OSError as exc:
                 raise SandboxStartError(f"cannot start runsc for sandbox {sandbox_id}: {exc}") from exc
             stack.callback(self._delete_state, sandbox_id)
-            stack.callback(_kill_process, process)
+            stack.callback(kill_process, process)
             for name in ("channel", "stdout_w", "stderr_w"):
                 os.close(fds.pop(name))
             reader = FrameReader()
@@ -329,7 +349,7 @@ class GVisorBackend(IsolationBackend):
             except (SandboxError, OSError, ValueError) as exc:
                 said = _what_runsc_said(fds["stderr"], bundle / "runsc.log")
                 raise SandboxStartError(f"sandbox {sandbox_id} did not start: {exc}; runsc said: {said}") from exc
-            stack.callback(_kill_pidfd, fds["sentry_pidfd"])
+            stack.callback(kill_pidfd, fds["sentry_pidfd"])
             release = stack.pop_all()
         return GVisorSandbox(
             spec, sandbox_id, process=process, sentry_pidfd=fds["sentry_pidfd"], cgroup=cgroup, fds=fds,
@@ -438,30 +458,10 @@ def _reap_cgroups(root: Path, parent: str) -> set[str]:
     return names
 
 
-def _close_all(fds: dict[str, int]) -> None:
-    while fds:
-        _, fd = fds.popitem()
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _kill_process(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    process.wait()
-
-
-def _kill_pidfd(pidfd: int) -> None:
-    with contextlib.suppress(ProcessLookupError, OSError):
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-
-
 def _what_runsc_said(stderr_fd: int, log_path: Path) -> str:
     """runsc's own complaint on a failed start: its stderr (the sandbox's), else its log."""
-    os.set_blocking(stderr_fd, False)
-    with contextlib.suppress(OSError):
-        if said := os.read(stderr_fd, 4096).decode(errors="replace").strip():
-            return said
+    if said := read_available(stderr_fd):
+        return said
     with contextlib.suppress(OSError):
         return log_path.read_text(errors="replace").strip()[-400:]
     return ""

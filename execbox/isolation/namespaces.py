@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -31,6 +30,12 @@ from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartEr
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
 from execbox.isolation.forkserver import ForkServer, exit_pair
+from execbox.isolation.hostproc import (
+    close_all,
+    kill_pidfd,
+    kill_process,
+    read_available,
+)
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
 from execbox.isolation.seccomp import build_filter_fd
@@ -50,6 +55,7 @@ _BWRAP = "/usr/bin/bwrap"
 UID_LOCK_DIR = Path("/run/execbox/uids")
 _PRLIMIT = "/usr/bin/prlimit"
 _SETPRIV = "/usr/bin/setpriv"
+_NICE = "/usr/bin/nice"
 _ETC_FILES_FROM_HOST = ("ld.so.cache", "localtime", "mime.types")
 _ETC_DIRS_FROM_HOST = ("ssl", "alternatives", "fonts")
 
@@ -145,8 +151,7 @@ class NamespacesSandbox(SupervisedSandbox):
         self._running_of = running
 
     def _kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+        kill_pidfd(self._init_pidfd)
 
     def _exit_status(self, timeout_s: float) -> tuple[int | None, int | None]:
         return self._exit_status_of(timeout_s)
@@ -283,6 +288,8 @@ class NamespacesBackend(IsolationBackend):
             f"--fsize={spec.file_size_max_bytes}",
             f"--nofile={spec.open_files_max}",
             "--",
+            _NICE,
+            f"--adjustment={spec.warm_nice}",
         ]
         argv += [_BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
         if spec.network:
@@ -335,6 +342,7 @@ class NamespacesBackend(IsolationBackend):
                 env=env,
                 network=spec.network,
                 preload=",".join(spec.preload_modules),
+                nice=spec.warm_nice,
             )
             server.start()
             self._forkservers[key] = server
@@ -350,7 +358,7 @@ class NamespacesBackend(IsolationBackend):
             cgroup = self._cgroups.create(sandbox_id, spec.memory_bytes, spec.pids_max, spec.cpus)
             stack.callback(cgroup.remove)
             fds: dict[str, int] = {}
-            stack.callback(_close_all, fds)
+            stack.callback(close_all, fds)
             fds["control_r"], fds["control"] = os.pipe()
             fds["events"], fds["events_w"] = os.pipe()
             fds["stdout"], fds["stdout_w"] = os.pipe()
@@ -363,8 +371,7 @@ class NamespacesBackend(IsolationBackend):
             fds["init_pidfd"] = pidfd = os.pidfd_open(pid)
 
             def reap() -> None:
-                with contextlib.suppress(OSError):
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                kill_pidfd(pidfd)
                 try:
                     server.wait_exit(pid, 10.0)
                 except TimeoutError as exc:
@@ -373,12 +380,7 @@ class NamespacesBackend(IsolationBackend):
                     server.forget(pid)
 
             stack.callback(reap)
-            reader = FrameReader()
-            try:
-                wait_ready(fds["events"], spec.startup_timeout_s, reader)
-            except SandboxError as exc:
-                stderr = _read_available(fds["stderr"])
-                raise SandboxStartError(f"sandbox {sandbox_id} did not start: {exc}; stderr: {stderr}") from exc
+            reader = _await_ready(fds, spec, sandbox_id)
             release = stack.pop_all()
         return NamespacesSandbox(
             spec,
@@ -401,7 +403,7 @@ class NamespacesBackend(IsolationBackend):
             cgroup = self._cgroups.create(sandbox_id, spec.memory_bytes, spec.pids_max, spec.cpus)
             stack.callback(cgroup.remove)
             fds: dict[str, int] = {}
-            stack.callback(_close_all, fds)
+            stack.callback(close_all, fds)
 
             def pipe(read_name: str, write_name: str) -> None:
                 fds[read_name], fds[write_name] = os.pipe()
@@ -428,7 +430,7 @@ class NamespacesBackend(IsolationBackend):
                 )
             except OSError as exc:
                 raise SandboxStartError(f"cannot start bwrap for sandbox {sandbox_id}: {exc}") from exc
-            stack.callback(_kill_process, process)
+            stack.callback(kill_process, process)
             for name in ("control_r", "events_w", "stdout_w", "stderr_w", "info_w", "block_r", "seccomp"):
                 os.close(fds.pop(name))
             init_pid = self._read_child_pid(fds["info"], process, sandbox_id)
@@ -445,12 +447,7 @@ class NamespacesBackend(IsolationBackend):
             cgroup.attach(init_pid)
             os.write(fds["block"], b"1")
             os.close(fds.pop("block"))
-            reader = FrameReader()
-            try:
-                wait_ready(fds["events"], spec.startup_timeout_s, reader)
-            except SandboxError as exc:
-                stderr = _read_available(fds["stderr"])
-                raise SandboxStartError(f"sandbox {sandbox_id} did not start: {exc}; stderr: {stderr}") from exc
+            reader = _await_ready(fds, spec, sandbox_id)
             release = stack.pop_all()
         return NamespacesSandbox(
             spec,
@@ -489,23 +486,12 @@ class NamespacesBackend(IsolationBackend):
             server.close()
 
 
-def _close_all(fds: dict[str, int]) -> None:
-    """Close every fd left in ``fds`` exactly once (the dict is emptied)."""
-    while fds:
-        _, fd = fds.popitem()
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _kill_process(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    process.wait()
-
-
-def _read_available(fd: int) -> str:
-    os.set_blocking(fd, False)
+def _await_ready(fds: dict[str, int], spec: SandboxSpec, sandbox_id: str) -> FrameReader:
+    """Wait for the driver's ``ready``; a failure says what the sandbox printed."""
+    reader = FrameReader()
     try:
-        return os.read(fd, 4096).decode(errors="replace").strip()
-    except OSError:
-        return ""
+        wait_ready(fds["events"], spec.startup_timeout_s, reader)
+    except SandboxError as exc:
+        stderr = read_available(fds["stderr"])
+        raise SandboxStartError(f"sandbox {sandbox_id} did not start: {exc}; stderr: {stderr}") from exc
+    return reader

@@ -190,6 +190,18 @@ class SupervisedSandbox(Sandbox):
     def _teardown(self) -> None:
         self._kill()
 
+    def _host_threads(self) -> list[int]:
+        """The host threads that run this sandbox (to restore their priority)."""
+        return self.cgroup.threads()
+
+    def _prioritise(self) -> None:
+        """Built at ``spec.warm_nice``, the sandbox runs its program at nice 0."""
+        if not self.spec.warm_nice:
+            return
+        for tid in self._host_threads():
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+
     def alive(self) -> bool:
         return not self._used and not self._destroyed and self._running()
 
@@ -199,6 +211,7 @@ class SupervisedSandbox(Sandbox):
         self._used = True
         if limits.memory_bytes < self.spec.memory_bytes:
             self._set_memory_limit(limits.memory_bytes)
+        self._prioritise()
         seen = supervise(
             control_fd=self._fds["control"],
             events_fd=self._fds["events"],

@@ -223,6 +223,7 @@ def main():
     if os.environ.get("EXECBOX_MPL_CACHE"):
         os.environ["MPLCONFIGDIR"] = os.environ["EXECBOX_MPL_CACHE"]
     driver.preload()
+    os.nice(config.get("nice", 0))  # clones and their set-up yield to running programs
     gc.collect()
     gc.freeze()  # preloaded objects stay out of the children's collections: fewer copy-on-write faults
     os.environ.clear()
