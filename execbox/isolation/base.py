@@ -57,16 +57,6 @@ class SandboxSpec:
     preload_modules: tuple[str, ...] = ()
     startup_timeout_s: float = 30.0
 
-    def limits(self) -> Limits:
-        return Limits(
-            wall_time_s=self.wall_time_s,
-            memory_bytes=self.memory_bytes,
-            output_bytes=self.output_bytes,
-            pids_max=self.pids_max,
-            disk_bytes=self.workspace_bytes,
-            cpus=self.cpus,
-        )
-
 
 @dataclass(frozen=True)
 class DriverReport:

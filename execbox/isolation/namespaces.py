@@ -348,21 +348,30 @@ class NamespacesBackend(IsolationBackend):
             self._forkservers[key] = server
             return server
 
+    def _allocate(self, stack: contextlib.ExitStack, spec: SandboxSpec) -> tuple[str, int, Cgroup, dict[str, int]]:
+        """A sandbox's name, uid, cgroup and channel pipes, each undone by ``stack``.
+
+        fds: host ends ``control`` (host -> driver), ``events`` (driver -> host), ``stdout``,
+        ``stderr``; the sandbox's ends ``control_r``, ``events_w``, ``stdout_w``, ``stderr_w``.
+        """
+        sandbox_id = sandbox_name("ns")
+        uid = self._uids.acquire()
+        stack.callback(self._uids.release, uid)
+        cgroup = self._cgroups.create(sandbox_id, spec.memory_bytes, spec.pids_max, spec.cpus)
+        stack.callback(cgroup.remove)
+        fds: dict[str, int] = {}
+        stack.callback(close_all, fds)
+        fds["control_r"], fds["control"] = os.pipe()
+        fds["events"], fds["events_w"] = os.pipe()
+        fds["stdout"], fds["stdout_w"] = os.pipe()
+        fds["stderr"], fds["stderr_w"] = os.pipe()
+        return sandbox_id, uid, cgroup, fds
+
     def _create_forked(self, spec: SandboxSpec) -> Sandbox:
         """A sandbox cloned by the fork server: about the cost of a fork."""
         server = self._forkserver(spec)
-        sandbox_id = sandbox_name("ns")
         with contextlib.ExitStack() as stack:
-            uid = self._uids.acquire()
-            stack.callback(self._uids.release, uid)
-            cgroup = self._cgroups.create(sandbox_id, spec.memory_bytes, spec.pids_max, spec.cpus)
-            stack.callback(cgroup.remove)
-            fds: dict[str, int] = {}
-            stack.callback(close_all, fds)
-            fds["control_r"], fds["control"] = os.pipe()
-            fds["events"], fds["events_w"] = os.pipe()
-            fds["stdout"], fds["stdout_w"] = os.pipe()
-            fds["stderr"], fds["stderr_w"] = os.pipe()
+            sandbox_id, uid, cgroup, fds = self._allocate(stack, spec)
             rlimits = {"nproc": spec.pids_max, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
             child_ends = [fds["control_r"], fds["events_w"], fds["stdout_w"], fds["stderr_w"]]
             pid = server.spawn(sandbox_id, uid, cgroup.procs_files(), rlimits, child_ends)
@@ -396,24 +405,10 @@ class NamespacesBackend(IsolationBackend):
         )
 
     def _create_bwrap(self, spec: SandboxSpec) -> Sandbox:
-        sandbox_id = sandbox_name("ns")
         with contextlib.ExitStack() as stack:
-            uid = self._uids.acquire()
-            stack.callback(self._uids.release, uid)
-            cgroup = self._cgroups.create(sandbox_id, spec.memory_bytes, spec.pids_max, spec.cpus)
-            stack.callback(cgroup.remove)
-            fds: dict[str, int] = {}
-            stack.callback(close_all, fds)
-
-            def pipe(read_name: str, write_name: str) -> None:
-                fds[read_name], fds[write_name] = os.pipe()
-
-            pipe("control_r", "control")  # host -> driver
-            pipe("events", "events_w")  # driver -> host
-            pipe("stdout", "stdout_w")
-            pipe("stderr", "stderr_w")
-            pipe("info", "info_w")
-            pipe("block_r", "block")
+            sandbox_id, uid, cgroup, fds = self._allocate(stack, spec)
+            fds["info"], fds["info_w"] = os.pipe()  # bwrap tells the init's pid
+            fds["block_r"], fds["block"] = os.pipe()  # bwrap waits until it is in its cgroup
             fds["seccomp"] = os.memfd_create("execbox-seccomp")
             os.write(fds["seccomp"], self._filter(spec.network))
             os.lseek(fds["seccomp"], 0, os.SEEK_SET)
