@@ -88,6 +88,11 @@ class _Metrics:
         self.leased = Gauge("execbox_pool_leased", "Sandboxes running code", ["pool"], registry=self.registry)
 
 
+def _json(model: RunResponse) -> Response:
+    """The answer, serialised once by pydantic (response_model still documents it in OpenAPI)."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
     """The ASGI app; it starts (and on shutdown closes) its Executor in its lifespan."""
     engine = executor or Executor(settings)
@@ -163,7 +168,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
         code = body.code
         check_code_size(code)
         result = await execute(ExecutionRequest(language=body.language, code=code, arguments=body.arguments))
-        return RunResponse.from_result(result)
+        return _json(RunResponse.from_result(result))
 
     @app.post("/v1/execute", response_model=ExecuteResponse, summary="Run code with per-request limits and inputs")
     async def execute_v1(body: ExecuteRequest, request: Request) -> Any:
@@ -185,7 +190,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
                 limits=limits,
             )
         )
-        return ExecuteResponse.from_result(result)
+        return _json(ExecuteResponse.from_result(result))
 
     @app.get("/v1/info", summary="Backend, runtimes, limits and pool state")
     async def info() -> dict[str, Any]:

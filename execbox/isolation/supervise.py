@@ -194,13 +194,14 @@ class SupervisedSandbox(Sandbox):
         """The host threads that run this sandbox (to restore their priority)."""
         return self.cgroup.threads()
 
-    def _prioritise(self) -> None:
-        """Built at ``spec.warm_nice``, the sandbox runs its program at nice 0."""
+    def _renice(self, nice: int) -> None:
+        """Built at ``spec.warm_nice``, the sandbox runs its program at nice 0 and is torn
+        down at ``warm_nice`` again, so that neither slows the programs that are running."""
         if not self.spec.warm_nice:
             return
         for tid in self._host_threads():
             with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, tid, 0)
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
 
     def alive(self) -> bool:
         return not self._used and not self._destroyed and self._running()
@@ -211,7 +212,7 @@ class SupervisedSandbox(Sandbox):
         self._used = True
         if limits.memory_bytes < self.spec.memory_bytes:
             self._set_memory_limit(limits.memory_bytes)
-        self._prioritise()
+        self._renice(0)
         seen = supervise(
             control_fd=self._fds["control"],
             events_fd=self._fds["events"],
@@ -252,6 +253,7 @@ class SupervisedSandbox(Sandbox):
                 return
             self._destroyed = True
         try:
+            self._renice(self.spec.warm_nice)
             self._teardown()
         finally:
             self._release.close()
