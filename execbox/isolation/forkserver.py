@@ -63,7 +63,7 @@ class ForkServer:
         self._process: subprocess.Popen[bytes] | None = None
         self._send_lock = threading.Lock()
         self._state = threading.Condition()
-        self._spawns: dict[str, Future[int]] = {}
+        self._spawns: dict[str, Future[tuple[int, int]]] = {}
         self._exits: dict[int, int] = {}
         self._alive = False
         self._closing = False
@@ -126,7 +126,7 @@ class ForkServer:
             if future is None:
                 continue
             if message["op"] == "spawned":
-                future.set_result(int(message["pid"]))
+                future.set_result((int(message["pid"]), int(message["init"])))
             else:
                 future.set_exception(SandboxStartError(f"fork server: {message.get('message')}"))
         with self._state:
@@ -138,11 +138,14 @@ class ForkServer:
         if not self._closing:
             log.warning("the Python fork server exited (status %s)", self._process.poll() if self._process else None)
 
-    def spawn(self, sandbox_id: str, uid: int, cgroup_procs: list[str], rlimits: dict[str, int], fds: list[int]) -> int:
-        """Clone one isolated child; returns its host pid (it says ready on its events fd)."""
+    def spawn(
+        self, sandbox_id: str, uid: int, cgroup_procs: list[str], rlimits: dict[str, int], fds: list[int]
+    ) -> tuple[int, int]:
+        """One isolated sandbox: returns the host pids of its driver (which says ready on its
+        events fd; ``wait_exit`` gives its status) and of its init (pid 1 of its namespaces)."""
         if not self.alive or self._sock is None:
             raise SandboxStartError("the Python fork server is not running")
-        future: Future[int] = Future()
+        future: Future[tuple[int, int]] = Future()
         with self._state:
             self._spawns[sandbox_id] = future
         request = {"op": "spawn", "id": sandbox_id, "uid": uid, "cgroups": cgroup_procs, "rlimits": rlimits}
@@ -187,12 +190,7 @@ class ForkServer:
 
 
 def exit_pair(status: int) -> tuple[int | None, int | None]:
-    """A sandbox init's raw wait status as ``(exit_code, None)`` or ``(None, signal)``.
-
-    The init ends with the driver's exit code, or 128 + the signal that killed the driver;
-    if the init itself was killed (by us, or the OOM killer), that signal counts.
-    """
+    """A driver's raw wait status as ``(exit_code, None)`` or ``(None, signal)``."""
     if os.WIFSIGNALED(status):
         return None, os.WTERMSIG(status)
-    code = os.WEXITSTATUS(status)
-    return (None, code - 128) if code > 128 else (code, None)
+    return os.WEXITSTATUS(status), None

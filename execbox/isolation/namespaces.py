@@ -374,10 +374,10 @@ class NamespacesBackend(IsolationBackend):
             sandbox_id, uid, cgroup, fds = self._allocate(stack, spec)
             rlimits = {"nproc": spec.pids_max, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
             child_ends = [fds["control_r"], fds["events_w"], fds["stdout_w"], fds["stderr_w"]]
-            pid = server.spawn(sandbox_id, uid, cgroup.procs_files(), rlimits, child_ends)
+            pid, init_pid = server.spawn(sandbox_id, uid, cgroup.procs_files(), rlimits, child_ends)
             for name in ("control_r", "events_w", "stdout_w", "stderr_w"):
                 os.close(fds.pop(name))
-            fds["init_pidfd"] = pidfd = os.pidfd_open(pid)
+            fds["init_pidfd"] = pidfd = os.pidfd_open(init_pid)  # its death ends the namespaces
 
             def reap() -> None:
                 kill_pidfd(pidfd)
@@ -394,7 +394,7 @@ class NamespacesBackend(IsolationBackend):
         return NamespacesSandbox(
             spec,
             sandbox_id,
-            init_pid=pid,
+            init_pid=init_pid,
             init_pidfd=pidfd,
             cgroup=cgroup,
             fds=fds,

@@ -119,7 +119,7 @@ def _build_root(root, plan, uid):
 
 
 def _child(config, request, fds):
-    """In the cloned child (pid 1 of its namespaces): isolate, then become the driver."""
+    """In the forked child (pid 2 of the sandbox's namespaces): isolate, then become the driver."""
     control, events, stdout, stderr = fds
     for path in request["cgroups"]:
         with open(path, "w") as fh:
@@ -154,56 +154,112 @@ def _child(config, request, fds):
     prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
     os.chdir("/workspace")
-    driver_pid = os.fork()  # the program must not be pid 1, whose signals the kernel filters
-    if driver_pid == 0:
-        sys.stdin = open(0, "r", closefd=False)
-        sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
-        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
-        os.environ.clear()
-        os.environ.update(config["env"])
-        driver.serve(control, events)
-        os._exit(0)
-    _init(driver_pid, (control, events, 0, 1, 2))
+    sys.stdin = open(0, "r", closefd=False)
+    sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    os.environ.clear()
+    os.environ.update(config["env"])
+    driver.serve(control, events)
 
 
-def _init(driver_pid, fds):
-    """pid 1 of the sandbox: reap every process; end with the driver's status as bwrap does
-    (its exit code, or 128 + the signal that killed it); its end ends the namespace."""
-    for fd in fds:
-        os.close(fd)
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            os._exit(0)
-        except InterruptedError:
-            continue
-        if pid == driver_pid:
-            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-
-
-def _spawn(config, request, fds):
-    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC
-    if not config["network"]:
-        flags |= CLONE_NEWNET
+def _clone(flags):
+    """fork(2) with namespace flags (raw clone: Python has no API for it)."""
     pid = _libc.syscall(SYS_CLONE, flags | signal.SIGCHLD, 0, 0, 0, 0)
-    if pid == 0:
-        code = 125
-        try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            _child(config, request, fds)
-            code = 0
-        except BaseException as exc:  # never return into the zygote's loop
-            try:
-                os.write(fds[3], f"execbox: sandbox setup failed: {exc}\n".encode())
-            except OSError:
-                pass
-        finally:
-            os._exit(code)
     if pid < 0:
         raise OSError(ctypes.get_errno(), "clone failed")
     return pid
+
+
+def _init_process():
+    """pid 1 of one sandbox: reaps orphans until the host kills it (which ends the namespaces)."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing the sandbox mounts reaches the host
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")  # after setuid
+    while True:
+        signal.sigwaitinfo({signal.SIGCHLD})
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+
+
+def _init_factory(sock, flags):
+    """A small process (forked before the preload) that clones one init per sandbox."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")
+    inits = set()
+    while True:
+        request = sock.recv(64)
+        while inits:  # reap the inits of destroyed sandboxes
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            inits.discard(pid)
+        if not request:
+            for pid in inits:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            os._exit(0)
+        try:
+            pid = _clone(flags)
+        except OSError as exc:
+            sock.send(json.dumps({"error": str(exc)}).encode())
+            continue
+        if pid == 0:
+            try:
+                sock.close()
+                _init_process()
+            finally:
+                os._exit(1)
+        inits.add(pid)
+        sock.send(json.dumps({"init": pid}).encode())
+
+
+def _setns(fd, what):
+    _check(_libc.setns(fd, 0), f"setns {what}")
+
+
+def _spawn(config, request, fds, factory, own_ns):
+    """An init in fresh namespaces (from the factory), then the driver forked into them."""
+    factory.send(b"spawn")
+    reply = json.loads(factory.recv(256))
+    if "init" not in reply:
+        raise OSError(f"init factory: {reply.get('error')}")
+    init_pid = reply["init"]
+    targets = [(os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC), ns) for ns in own_ns]
+    try:
+        for fd, ns in targets:
+            _setns(fd, ns)  # pid: for the next child only; the others: this process, until restored
+        pid = os.fork()
+        if pid == 0:
+            code = 125
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _child(config, request, fds)
+                code = 0
+            except BaseException as exc:  # never return into the zygote's loop
+                try:
+                    os.write(fds[3], f"execbox: sandbox setup failed: {exc}\n".encode())
+                except OSError:
+                    pass
+            finally:
+                os._exit(code)
+    finally:
+        for fd, ns in targets:
+            os.close(fd)
+        for ns, fd in own_ns.items():
+            _setns(fd, ns)
+    return pid, init_pid
 
 
 def _send(sock, message):
@@ -218,12 +274,24 @@ def main():
     config["filter"] = base64.b64decode(config["filter"])
     os.environ.clear()
     os.environ.update(config["env"])
+    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (0 if config["network"] else CLONE_NEWNET)
+    namespaces = ["pid", "mnt", "ipc", "uts"] + ([] if config["network"] else ["net"])
+    own_ns = {ns: os.open(f"/proc/self/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in namespaces}
+    os.nice(config.get("nice", 0))  # clones and their set-up yield to running programs
+    factory, factory_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.fork() == 0:  # before the preload: each init is a clone of a small process
+        try:
+            sock.close()
+            factory.close()
+            _init_factory(factory_end, flags)
+        finally:
+            os._exit(1)
+    factory_end.close()
     os.environ["EXECBOX_PRELOAD"] = config.get("preload", "")
     # matplotlib, if preloaded, reads the font cache prepared by `execbox build` (never the host's /tmp)
     if os.environ.get("EXECBOX_MPL_CACHE"):
         os.environ["MPLCONFIGDIR"] = os.environ["EXECBOX_MPL_CACHE"]
     driver.preload()
-    os.nice(config.get("nice", 0))  # clones and their set-up yield to running programs
     gc.collect()
     gc.freeze()  # preloaded objects stay out of the children's collections: fewer copy-on-write faults
     os.environ.clear()
@@ -268,9 +336,9 @@ def main():
                 return
             request = json.loads(data)
             try:
-                pid = _spawn(config, request, fds)
+                pid, init_pid = _spawn(config, request, fds, factory, own_ns)
                 children.add(pid)
-                _send(sock, {"op": "spawned", "id": request["id"], "pid": pid})
+                _send(sock, {"op": "spawned", "id": request["id"], "pid": pid, "init": init_pid})
             except Exception as exc:
                 _send(sock, {"op": "error", "id": request["id"], "message": str(exc)})
             finally:
