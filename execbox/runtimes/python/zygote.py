@@ -1,27 +1,34 @@
 """execbox Python fork server ("zygote"): runs on the host as root, never runs user code.
 
-Started once per service with the runtime environment's interpreter, it imports the
-preloaded modules (numpy, pandas, ...) and then serves ``spawn`` requests on a
-SOCK_SEQPACKET socket. For each it clones a child straight into fresh PID, mount,
-network, IPC and UTS namespaces. The child, before any user code exists:
+Started once per service with the runtime environment's interpreter, it first forks a
+small *init factory*, then imports the preloaded modules (numpy, pandas, ...) and serves
+``spawn`` requests on a SOCK_SEQPACKET socket. For each sandbox:
 
-1. joins its cgroup (the host created it) and then a fresh cgroup namespace;
-2. builds its file system from the host's mount plan (read-only binds, tmpfs
-   workspace, /tmp, /dev/shm, a minimal /dev, its own /proc), pivots into it and
-   remounts the root read-only;
-3. sets its rlimits, empties its capability bounding set, drops to the sandbox's
-   unprivileged uid/gid (which clears every capability), sets no_new_privs and loads the seccomp filter;
-4. keeps only its four channel fds (stdin is /dev/null) and forks the driver, staying
-   behind as the sandbox's init (pid 1 reaps, and ends with the driver's status).
+* the factory clones an init straight into fresh PID, mount, network, IPC and UTS
+  namespaces: pid 1 of the sandbox, which reaps orphans until the host kills it (its death
+  ends the namespaces and everything in them); it drops to uid 65534;
+* the zygote joins those namespaces with setns and forks the driver-to-be into them (pid 2),
+  then returns to its own. The fork, before any user code exists:
 
-So a fresh sandbox costs about a fork, and ``import pandas`` in user code costs nothing.
-The zygote holds no secret: its environment is the sandbox's and its only fd is the socket.
+  1. joins its cgroup (the host created it) and then a fresh cgroup namespace;
+  2. builds its file system from the host's mount plan (read-only binds, tmpfs
+     workspace, /tmp, /dev/shm, a minimal /dev, its own /proc), pivots into it and
+     remounts the root read-only;
+  3. sets its rlimits, empties its capability bounding set, drops to the sandbox's
+     unprivileged uid/gid (which clears every capability), sets no_new_privs and loads
+     the seccomp filter;
+  4. keeps only its four channel fds (stdin is /dev/null) and becomes the driver.
+
+So a fresh sandbox costs about one fork of the zygote (plus a clone of the small factory),
+``import pandas`` in user code costs nothing, and the program is not pid 1 (whose signals
+the kernel filters). The zygote holds no secret: its environment is the sandbox's and its
+only fds are its sockets and its own namespaces.
 
 Socket messages (JSON, one per datagram): host -> zygote ``{"op": "init", ...}`` once, then
 ``{"op": "spawn", "id", "uid", "cgroups": [paths], "rlimits": {...}}`` with four fds
 (control, events, stdout, stderr); zygote -> host ``{"op": "ready"}``,
-``{"op": "spawned", "id", "pid"}`` / ``{"op": "error", "id", "message"}`` and
-``{"op": "exit", "pid", "status"}`` (a raw wait status) whenever a child ends.
+``{"op": "spawned", "id", "pid", "init"}`` / ``{"op": "error", "id", "message"}`` and
+``{"op": "exit", "pid", "status"}`` (the driver's raw wait status) whenever a driver ends.
 """
 
 import base64
