@@ -195,26 +195,35 @@ def _init_process():
                 break
 
 
+def _reaped():
+    """(pid, raw status) of every child that has ended, without blocking."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
+def _kill_all(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def _init_factory(sock, flags):
     """A small process (forked before the preload) that clones one init per sandbox."""
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")
     inits = set()
     while True:
         request = sock.recv(64)
-        while inits:  # reap the inits of destroyed sandboxes
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            inits.discard(pid)
+        inits.difference_update(pid for pid, _ in _reaped())  # the inits of destroyed sandboxes
         if not request:
-            for pid in inits:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            _kill_all(inits)
             os._exit(0)
         try:
             pid = _clone(flags)
@@ -318,13 +327,7 @@ def main():
                     os.read(wake_r, 4096)
                 except BlockingIOError:
                     break
-            while True:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
+            for pid, status in _reaped():
                 children.discard(pid)
                 _send(sock, {"op": "exit", "pid": pid, "status": status})
         if sock in readable:
@@ -335,11 +338,7 @@ def main():
                     continue
                 raise
             if not data:  # the service went away: so do the sandboxes
-                for pid in children:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
+                _kill_all(children)
                 return
             request = json.loads(data)
             try:
