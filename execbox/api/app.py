@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import codecs
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -24,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from execbox.api.ratelimit import RateLimiter
 from execbox.api.schemas import ExecuteRequest, ExecuteResponse, RunRequest, RunResponse
 from execbox.errors import BadRequestError
+from execbox.isolation.base import OutputSink
 from execbox.models import ExecutionRequest, ExecutionResult, Limits
 from execbox.service.classify import EXIT_RATE_LIMITED
 from execbox.service.executor import Executor
@@ -152,10 +156,10 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
         if len(code.encode()) > settings.max_code_size:
             raise HTTPException(413, f"code larger than SANDBOX_MAX_CODE_SIZE ({settings.max_code_size} bytes)")
 
-    async def execute(request: ExecutionRequest) -> ExecutionResult:
+    async def execute(request: ExecutionRequest, on_output: OutputSink | None = None) -> ExecutionResult:
         with metrics.duration.labels(request.language.value).time():
             try:
-                result = await engine.execute(request)
+                result = await engine.execute(request, on_output)
             except BadRequestError as exc:
                 raise HTTPException(422, str(exc)) from exc
         metrics.executions.labels(request.language.value, result.status.value).inc()
@@ -170,27 +174,75 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
         result = await execute(ExecutionRequest(language=body.language, code=code, arguments=body.arguments))
         return _json(RunResponse.from_result(result))
 
-    @app.post("/v1/execute", response_model=ExecuteResponse, summary="Run code with per-request limits and inputs")
-    async def execute_v1(body: ExecuteRequest, request: Request) -> Any:
-        if (limited := check_rate(request)) is not None:
-            return limited
+    def native_request(body: ExecuteRequest) -> ExecutionRequest:
         check_code_size(body.code)
         limits = None
         if body.limits is not None:
             given = body.limits.model_dump(exclude_none=True)
             limits = Limits(**{**settings.default_limits().model_dump(), **given})
-        result = await execute(
-            ExecutionRequest(
-                language=body.language,
-                code=body.code,
-                arguments=body.arguments,
-                stdin=body.stdin,
-                files={name: base64.b64decode(data) for name, data in body.files.items()},
-                env=body.env,
-                limits=limits,
-            )
+        native = ExecutionRequest(
+            language=body.language,
+            code=body.code,
+            arguments=body.arguments,
+            stdin=body.stdin,
+            files={name: base64.b64decode(data) for name, data in body.files.items()},
+            env=body.env,
+            limits=limits,
         )
+        try:
+            engine.limits_for(native)  # 422 now, not in the middle of a stream
+        except BadRequestError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return native
+
+    @app.post("/v1/execute", response_model=ExecuteResponse, summary="Run code with per-request limits and inputs")
+    async def execute_v1(body: ExecuteRequest, request: Request) -> Any:
+        if (limited := check_rate(request)) is not None:
+            return limited
+        result = await execute(native_request(body))
         return _json(ExecuteResponse.from_result(result))
+
+    @app.post(
+        "/v1/execute/stream",
+        summary="Like /v1/execute, streaming the output as server-sent events",
+        description=(
+            "Events: `stdout` and `stderr` (data: a JSON string, the text as it is printed), "
+            "then one `result` (data: the /v1/execute answer, which also holds the whole output)."
+        ),
+        response_class=StreamingResponse,
+    )
+    async def execute_stream(body: ExecuteRequest, request: Request) -> Any:
+        if (limited := check_rate(request)) is not None:
+            return limited
+        native = native_request(body)
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
+
+        def on_output(stream: str, data: bytes) -> None:  # a worker thread
+            text = decoders[stream].decode(data)
+            if text:
+                loop.call_soon_threadsafe(chunks.put_nowait, (stream, text))
+
+        async def events() -> AsyncIterator[str]:
+            run = asyncio.ensure_future(execute(native, on_output))
+            while True:
+                getter = asyncio.ensure_future(chunks.get())
+                await asyncio.wait({getter, run}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    stream, text = getter.result()
+                    yield f"event: {stream}\ndata: {json.dumps(text)}\n\n"
+                    continue
+                getter.cancel()
+                await asyncio.sleep(0)  # let the last call_soon_threadsafe callbacks land
+                while not chunks.empty():
+                    stream, text = chunks.get_nowait()
+                    yield f"event: {stream}\ndata: {json.dumps(text)}\n\n"
+                answer = ExecuteResponse.from_result(run.result()).model_dump_json()
+                yield f"event: result\ndata: {answer}\n\n"
+                return
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/v1/info", summary="Backend, runtimes, limits and pool state")
     async def info() -> dict[str, Any]:

@@ -8,7 +8,7 @@ it does not decide policy: every capability arrives as a named field of the spec
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,7 +16,10 @@ from typing import Any, ClassVar
 from execbox.models import ExecutionRequest, Limits
 from execbox.runtimes import Runtime
 
-__all__ = ["DriverReport", "IsolationBackend", "Mount", "RunOutcome", "Sandbox", "SandboxSpec"]
+__all__ = ["DriverReport", "IsolationBackend", "Mount", "OutputSink", "RunOutcome", "Sandbox", "SandboxSpec"]
+
+#: receives ("stdout" | "stderr", bytes) as the program prints
+OutputSink = Callable[[str, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,11 @@ class Sandbox(abc.ABC):
         self.id = sandbox_id
 
     @abc.abstractmethod
-    def run(self, request: ExecutionRequest, limits: Limits) -> RunOutcome:
-        """Send the request to the driver and wait for the outcome (blocking)."""
+    def run(self, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None = None) -> RunOutcome:
+        """Send the request to the driver and wait for the outcome (blocking).
+
+        ``on_output("stdout" | "stderr", data)``, if given, sees the output as it arrives
+        (within the output cap), from the calling thread."""
 
     @abc.abstractmethod
     def open_workspace(self) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from execbox.errors import SandboxError, SandboxProtocolError
-from execbox.isolation.base import DriverReport, RunOutcome, Sandbox, SandboxSpec
+from execbox.isolation.base import DriverReport, OutputSink, RunOutcome, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup
 from execbox.isolation.protocol import FrameReader, encode_request, parse_report
 from execbox.models import ExecutionRequest, Limits
@@ -66,6 +66,7 @@ def supervise(
     output_bytes: int,
     kill: Callable[[], None],
     reader: FrameReader,
+    on_output: OutputSink | None = None,
 ) -> Supervised:
     """Run one request to its end: the driver's report, its death, the deadline or the cap.
 
@@ -125,6 +126,10 @@ def supervise(
                         report = parse_report(message)
                 else:
                     out[fd] += data
+                    if on_output is not None:
+                        room = output_bytes - (total() - len(data))
+                        if room > 0:
+                            on_output("stdout" if fd == stdout_fd else "stderr", data[:room])
                     if total() > output_bytes:
                         capped = True
                         kill()
@@ -135,6 +140,8 @@ def supervise(
             with contextlib.suppress(OSError):
                 while total() <= output_bytes and (chunk := os.read(fd, _CHUNK)):
                     out[fd] += chunk
+                    if on_output is not None:
+                        on_output("stdout" if fd == stdout_fd else "stderr", chunk)
         capped = total() > output_bytes
         if capped:
             kill()
@@ -206,7 +213,7 @@ class SupervisedSandbox(Sandbox):
     def alive(self) -> bool:
         return not self._used and not self._destroyed and self._running()
 
-    def run(self, request: ExecutionRequest, limits: Limits) -> RunOutcome:
+    def run(self, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None = None) -> RunOutcome:
         if self._used or self._destroyed:
             raise SandboxError(f"sandbox {self.id} was already used")
         self._used = True
@@ -223,6 +230,7 @@ class SupervisedSandbox(Sandbox):
             output_bytes=min(limits.output_bytes, self.spec.output_bytes),
             kill=self._kill,
             reader=self._reader,
+            on_output=on_output,
         )
         exit_code = signal_number = None
         if seen.report is None:

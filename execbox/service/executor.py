@@ -15,7 +15,7 @@ from functools import partial
 
 from execbox.artifacts import collect_artifacts
 from execbox.errors import BadRequestError, ExecboxError, PoolBusyError, PoolClosedError
-from execbox.isolation.base import IsolationBackend, RunOutcome, Sandbox
+from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, Sandbox
 from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits
 from execbox.policy import inspect_code
 from execbox.pool import PoolStats, SandboxPool
@@ -119,14 +119,17 @@ class Executor:
             raise BadRequestError("limits above the server's maxima: " + ", ".join(above))
         return request.limits
 
-    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
-        """Run one request; every failure of the user's program is a verdict, not an exception."""
+    async def execute(self, request: ExecutionRequest, on_output: OutputSink | None = None) -> ExecutionResult:
+        """Run one request; every failure of the user's program is a verdict, not an exception.
+
+        ``on_output``, if given, is called from a worker thread with ("stdout" | "stderr",
+        bytes) as the program prints (the result still carries the whole output)."""
         started = time.perf_counter()
-        result = await self._execute(request)
+        result = await self._execute(request, on_output)
         self._log(request, result, started)
         return result
 
-    async def _execute(self, request: ExecutionRequest) -> ExecutionResult:
+    async def _execute(self, request: ExecutionRequest, on_output: OutputSink | None) -> ExecutionResult:
         limits = self.limits_for(request)
         if self.settings.code_check is not CodeCheckMode.OFF:
             findings = inspect_code(request.code, request.language.value)
@@ -146,7 +149,9 @@ class Executor:
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
         try:
             loop = asyncio.get_running_loop()
-            outcome, artifacts = await loop.run_in_executor(self._run_threads, _run_in_sandbox, sandbox, request, limits)
+            outcome, artifacts = await loop.run_in_executor(
+                self._run_threads, _run_in_sandbox, sandbox, request, limits, on_output
+            )
         except ExecboxError as exc:
             log.error("execution in sandbox %s failed: %s", sandbox.id, exc)
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
@@ -172,9 +177,11 @@ class Executor:
         executions_log.info("execution %s", json.dumps(record))
 
 
-def _run_in_sandbox(sandbox: Sandbox, request: ExecutionRequest, limits: Limits) -> tuple[RunOutcome, tuple[Artifact, ...]]:
+def _run_in_sandbox(
+    sandbox: Sandbox, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None
+) -> tuple[RunOutcome, tuple[Artifact, ...]]:
     """Blocking: run, then collect artifacts from the still-live sandbox if the program finished."""
-    outcome = sandbox.run(request, limits)
+    outcome = sandbox.run(request, limits, on_output)
     artifacts: tuple[Artifact, ...] = ()
     if outcome.report is not None:
         try:

@@ -136,3 +136,56 @@ def test_docs_page_is_served(client: httpx.Client) -> None:
     assert response.status_code == 200
     assert "text/html" in response.headers["content-type"]
     assert "openapi.json" in response.text
+
+
+def _sse_events(client: httpx.Client, body: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(event, data, seconds since the request) of each server-sent event."""
+    import time
+
+    events: list[tuple[str, str, float]] = []
+    started = time.monotonic()
+    with client.stream("POST", "/v1/execute/stream", json=body) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                assert name is not None
+                events.append((name, line.removeprefix("data: "), time.monotonic() - started))
+                name = None
+    return events
+
+
+def test_stream_sends_output_as_it_is_printed_then_the_result(client: httpx.Client) -> None:
+    import json
+
+    code = (
+        "import time, warnings\n"
+        "def main():\n"
+        "    for i in range(3):\n"
+        "        print('line', i, flush=True)\n"
+        "        time.sleep(0.4)\n"
+        "    warnings.warn('oops')\n"
+        "    return 'done'\n"
+    )
+    events = _sse_events(client, {"code": code})
+    names = [name for name, _, _ in events]
+    assert names[-1] == "result" and names.count("result") == 1
+    streamed = "".join(json.loads(data) for name, data, _ in events if name == "stdout")
+    assert streamed == "line 0\nline 1\nline 2\n"
+    assert "UserWarning: oops" in "".join(json.loads(data) for name, data, _ in events if name == "stderr")
+    first_line_at = next(at for name, _, at in events if name == "stdout")
+    result_at = events[-1][2]
+    assert result_at - first_line_at >= 0.6, "the first line must arrive while the program still runs"
+    result = json.loads(events[-1][1])
+    assert result["status"] == "success"
+    assert result["stdout"] == streamed
+    assert result["result"]["value"] == "done"
+
+
+def test_stream_rejects_limits_above_the_maxima_before_streaming(client: httpx.Client) -> None:
+    response = client.post("/v1/execute/stream", json={"code": "def main():\n    return 1\n", "limits": {"wall_time_s": 1e6}})
+    assert response.status_code == 422
+    assert "wall_time_s" in response.text
