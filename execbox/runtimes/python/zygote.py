@@ -271,7 +271,7 @@ def _spawn(config, request, fds, factory, own_ns):
             finally:
                 os._exit(code)
     finally:
-        for fd, ns in targets:
+        for fd, _ in targets:
             os.close(fd)
         for ns, fd in own_ns.items():
             _setns(fd, ns)
