@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from execbox.artifacts import collect_artifacts
-from execbox.errors import BadRequestError, ExecboxError, PoolBusyError, PoolClosedError
+from execbox.errors import BadRequestError, ExecboxError, PoolBusyError
 from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, Sandbox
 from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits
 from execbox.policy import inspect_code
@@ -144,7 +144,7 @@ class Executor:
             sandbox = await pool.lease(self.settings.pool_wait)
         except PoolBusyError:
             return runner_error(EXIT_BUSY, "no_available_container", "Container pool is busy\n")
-        except (PoolClosedError, ExecboxError) as exc:
+        except ExecboxError as exc:  # PoolClosedError, or a pool that cannot build sandboxes
             log.error("no sandbox for a %s request: %s", request.language.value, exc)
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
         try:
