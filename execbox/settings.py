@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         "numpy,pandas,matplotlib.pyplot", description="modules the Python fork server imports once for all sandboxes",
     )
     forkserver: bool = Field(True, description="Python sandboxes are forked from a warm fork server (namespaces backend)")
+    gvisor_platform: str = Field("auto", description="runsc platform: auto (systrap, else ptrace) | systrap | ptrace | kvm")
+    gvisor_executions_per_sandbox: int = Field(
+        100, ge=1, le=100000,
+        description="executions one long-lived gVisor sandbox serves, each in a fresh inner sandbox (1 = single-use)",
+    )
+    gvisor_sandbox_lifetime: Duration = Field(600.0, description="longest life of one long-lived gVisor sandbox")
     bind_host: str = Field("0.0.0.0", description="address the HTTP service listens on")
     log_level: str = Field("info", description="debug | info | warning | error")
 
@@ -140,6 +146,13 @@ class Settings(BaseSettings):
     def _check_rate(cls, value: str) -> str:
         parse_rate(value)
         return value
+
+    @field_validator("gvisor_platform")
+    @classmethod
+    def _check_platform(cls, value: str) -> str:
+        if value.lower() not in ("auto", "systrap", "ptrace", "kvm"):
+            raise ValueError(f"{value!r} is not one of auto, systrap, ptrace, kvm")
+        return value.lower()
 
     @field_validator("log_level")
     @classmethod

@@ -66,6 +66,12 @@ class Cgroup(abc.ABC):
     def memory_peak_bytes(self) -> int | None: ...
 
     @abc.abstractmethod
+    def memory_usage_bytes(self) -> int | None: ...
+
+    def reset_memory_peak(self) -> None:
+        """Start the peak afresh (a sandbox reused by several executions); no-op where unsupported."""
+
+    @abc.abstractmethod
     def cpu_time_ms(self) -> float | None: ...
 
     @abc.abstractmethod
@@ -127,9 +133,13 @@ class _CgroupV1(Cgroup):
 
     def set_memory_limit(self, memory_bytes: int) -> None:
         mem = self._by_controller["memory"]
-        _write(mem / "memory.limit_in_bytes", str(memory_bytes))
+        files = [mem / "memory.limit_in_bytes"]
         if (mem / "memory.memsw.limit_in_bytes").exists():
-            _write(mem / "memory.memsw.limit_in_bytes", str(memory_bytes))
+            files.append(mem / "memory.memsw.limit_in_bytes")  # never below memory.limit_in_bytes
+            if memory_bytes > int(_read(files[0]).strip() or 0):
+                files.reverse()
+        for path in files:
+            _write(path, str(memory_bytes))
 
     def oom_kills(self) -> int:
         return _field(_read(self._by_controller["memory"] / "memory.oom_control"), "oom_kill") or 0
@@ -137,6 +147,14 @@ class _CgroupV1(Cgroup):
     def memory_peak_bytes(self) -> int | None:
         text = _read(self._by_controller["memory"] / "memory.max_usage_in_bytes").strip()
         return int(text) if text.isdigit() else None
+
+    def memory_usage_bytes(self) -> int | None:
+        text = _read(self._by_controller["memory"] / "memory.usage_in_bytes").strip()
+        return int(text) if text.isdigit() else None
+
+    def reset_memory_peak(self) -> None:
+        with contextlib.suppress(SandboxError):
+            _write(self._by_controller["memory"] / "memory.max_usage_in_bytes", "0")
 
     def cpu_time_ms(self) -> float | None:
         path = self._by_controller.get("cpuacct")
@@ -171,6 +189,10 @@ class _CgroupV2(Cgroup):
 
     def memory_peak_bytes(self) -> int | None:
         text = _read(self.path / "memory.peak").strip()
+        return int(text) if text.isdigit() else None
+
+    def memory_usage_bytes(self) -> int | None:
+        text = _read(self.path / "memory.current").strip()
         return int(text) if text.isdigit() else None
 
     def cpu_time_ms(self) -> float | None:

@@ -1,12 +1,13 @@
-"""Host side of the Python fork server (the zygote in ``runtimes/python/zygote.py``).
+"""Host side of the fork server (the zygote in ``isolation/zygote.py``).
 
-One zygote per sandbox spec: a process of the runtime environment's Python with the
-preloaded modules imported, which clones one child per sandbox straight into fresh
-namespaces; the child isolates itself (cgroup, file system, rlimits, uid, no_new_privs,
-seccomp) before it becomes the driver. This object starts the zygote, asks it for
-children (passing each child's four channel fds over SCM_RIGHTS) and collects their
-wait statuses. It is used by the namespaces backend; the sandbox it yields is the same
-``NamespacesSandbox`` that bwrap sandboxes are.
+One zygote per sandbox spec, started by a *launcher*: directly on the host (the
+``namespaces`` backend) or as the first process of a long-lived gVisor sandbox (the
+``gvisor`` backend's two walls). Either way this object sends the zygote its
+configuration, asks it for sandboxes (passing each one's four channel fds over
+SCM_RIGHTS on the host; inside gVisor the channels are those the sandbox was started
+with), kills them, asks it to export artifacts (gVisor) and collects the drivers' wait
+statuses and usage. The sandboxes it yields are ``NamespacesSandbox`` (host) and
+``GVisorExecution`` (gVisor).
 """
 
 from __future__ import annotations
@@ -19,74 +20,94 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from execbox.errors import SandboxStartError
+from execbox.errors import SandboxError, SandboxStartError
+from execbox.isolation.rootfs import PlanStep
+from execbox.isolation.seccomp import syscall_number
 
-__all__ = ["ForkServer", "exit_pair"]
+__all__ = ["ZYGOTE", "DriverExit", "ForkServer", "Launcher", "exit_pair"]
 
 log = logging.getLogger("execbox.forkserver")
 
+#: the in-sandbox program (stdlib only), shipped inside the package
+ZYGOTE = Path(__file__).resolve().parent / "zygote.py"
+#: starts the zygote given the fd of its end of the socket; returns its process
+Launcher = Callable[[int], "subprocess.Popen[bytes]"]
+
+
+@dataclass(frozen=True)
+class DriverExit:
+    """How one driver ended: its raw wait status and what it used."""
+
+    status: int
+    maxrss_kb: int | None = None
+    cpu_ms: float | None = None
+
 
 class ForkServer:
-    """A running zygote: ``spawn`` children, ``wait_exit`` for them, ``close``."""
+    """A running zygote: ``spawn`` sandboxes, ``kill`` them, ``wait_exit`` for them, ``close``."""
 
     def __init__(
         self,
-        python: Path,
-        zygote: Path,
+        launch: Launcher,
         *,
-        root_dir: Path,
-        plan: Sequence[tuple[str, str, str]],
+        root_dir: str,
+        plan: Sequence[PlanStep],
         seccomp_bpf: bytes,
         env: Mapping[str, str],
         network: bool,
         preload: str,
+        driver: str | None,
+        exec_argv: Sequence[str] | None = None,
         nice: int = 0,
+        channel: Sequence[int] | None = None,
+        export_dir: str | None = None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
-        self._python = python
-        self._zygote = zygote
+        self._launch = launch
+        self._on_exit = on_exit
         self._config: dict[str, Any] = {
             "op": "init",
-            "root": str(root_dir),
+            "root": root_dir,
             "plan": [list(step) for step in plan],
             "filter": base64.b64encode(seccomp_bpf).decode(),
             "env": dict(env),
             "network": network,
             "preload": preload,
+            "driver": driver,
+            "exec": list(exec_argv) if exec_argv else None,
             "nice": nice,
+            "channel": list(channel) if channel else None,
+            "export": export_dir,
+            "syscalls": {name: syscall_number(name) for name in ("clone", "pivot_root")},
+            "title": "sandbox-init",
         }
         self._sock: socket.socket | None = None
-        self._process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self._send_lock = threading.Lock()
         self._state = threading.Condition()
-        self._spawns: dict[str, Future[tuple[int, int]]] = {}
-        self._exits: dict[int, int] = {}
+        self._replies: dict[str, Future[dict[str, Any]]] = {}
+        self._exits: dict[int, DriverExit] = {}
         self._alive = False
         self._closing = False
 
     @property
     def alive(self) -> bool:
-        return self._alive and self._process is not None and self._process.poll() is None
+        return self._alive and self.process is not None and self.process.poll() is None
 
     def start(self, timeout_s: float = 120.0) -> None:
         """Start the zygote and wait until its modules are imported."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._process = subprocess.Popen(
-                [str(self._python), "-I", "-B", str(self._zygote)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                pass_fds=(child.fileno(),),
-                env={**self._config["env"], "EXECBOX_ZYGOTE_FD": str(child.fileno())},
-                start_new_session=True,
-            )
+            self.process = self._launch(child.fileno())
         except OSError as exc:
             parent.close()
-            raise SandboxStartError(f"cannot start the Python fork server {self._python}: {exc}") from exc
+            raise SandboxStartError(f"cannot start the fork server: {exc}") from exc
         finally:
             child.close()
         try:
@@ -94,15 +115,16 @@ class ForkServer:
             parent.settimeout(timeout_s)
             reply = json.loads(parent.recv(65536) or b"{}")
             if reply.get("op") != "ready":
-                raise SandboxStartError(f"the Python fork server did not start (exit {self._process.poll()})")
+                raise SandboxStartError(f"the fork server did not start (exit {self.process.poll()})")
             parent.settimeout(None)
         except (OSError, ValueError, SandboxStartError) as exc:
             parent.close()
-            self._process.kill()
-            self._process.wait()
+            with contextlib.suppress(OSError):
+                self.process.kill()
+            self.process.wait()
             if isinstance(exc, SandboxStartError):
                 raise
-            raise SandboxStartError(f"the Python fork server did not start: {exc}") from exc
+            raise SandboxStartError(f"the fork server did not start: {exc}") from exc
         self._sock = parent
         self._alive = True
         threading.Thread(target=self._read_loop, name="execbox-forkserver", daemon=True).start()
@@ -116,64 +138,101 @@ class ForkServer:
                 data = b""
             if not data:
                 break
-            message = json.loads(data)
-            with self._state:
-                if message["op"] == "exit":
-                    self._exits[message["pid"]] = message["status"]
-                    self._state.notify_all()
-                    continue
-                future = self._spawns.pop(message["id"], None)
-            if future is None:
-                continue
-            if message["op"] == "spawned":
-                future.set_result((int(message["pid"]), int(message["init"])))
-            else:
-                future.set_exception(SandboxStartError(f"fork server: {message.get('message')}"))
+            try:
+                self._dispatch(json.loads(data))
+            except (ValueError, KeyError, TypeError) as exc:  # one bad datagram must not end the reader
+                log.error("fork server sent a malformed message (%s): %r", exc, data[:200])
         with self._state:
             self._alive = False
-            for future in self._spawns.values():
-                future.set_exception(SandboxStartError("the Python fork server exited"))
-            self._spawns.clear()
+            for future in self._replies.values():
+                future.set_exception(SandboxStartError("the fork server exited"))
+            self._replies.clear()
             self._state.notify_all()
         if not self._closing:
-            log.warning("the Python fork server exited (status %s)", self._process.poll() if self._process else None)
+            log.warning("the fork server exited (status %s)", self.process.poll() if self.process else None)
 
-    def spawn(
-        self, sandbox_id: str, uid: int, cgroup_procs: list[str], rlimits: dict[str, int], fds: list[int]
-    ) -> tuple[int, int]:
-        """One isolated sandbox: returns the host pids of its driver (which says ready on its
-        events fd; ``wait_exit`` gives its status) and of its init (pid 1 of its namespaces)."""
-        if not self.alive or self._sock is None:
-            raise SandboxStartError("the Python fork server is not running")
-        future: Future[tuple[int, int]] = Future()
+    def _dispatch(self, message: dict[str, Any]) -> None:
         with self._state:
-            self._spawns[sandbox_id] = future
-        request = {"op": "spawn", "id": sandbox_id, "uid": uid, "cgroups": cgroup_procs, "rlimits": rlimits}
+            if message["op"] == "exit":
+                cpu = message.get("cpu_ms")
+                self._exits[int(message["pid"])] = DriverExit(
+                    int(message["status"]), message.get("maxrss_kb"), float(cpu) if cpu is not None else None
+                )
+                self._state.notify_all()
+            else:
+                future = self._replies.pop(str(message["id"]), None)
+        if message["op"] == "exit":
+            if self._on_exit is not None:
+                self._on_exit(int(message["pid"]))
+            return
+        if future is None:
+            return
+        if message["op"] == "error":
+            future.set_exception(SandboxError(f"fork server: {message.get('message')}"))
+        else:
+            future.set_result(message)
+
+    def _ask(self, request: dict[str, Any], fds: Sequence[int] = (), timeout_s: float = 30.0) -> dict[str, Any]:
+        if not self.alive or self._sock is None:
+            raise SandboxStartError("the fork server is not running")
+        key = str(request["id"])
+        future: Future[dict[str, Any]] = Future()
+        with self._state:
+            self._replies[key] = future
         try:
             with self._send_lock:
-                socket.send_fds(self._sock, [json.dumps(request).encode()], fds)
-            return future.result(timeout=30)
+                socket.send_fds(self._sock, [json.dumps(request).encode()], list(fds))
+            return future.result(timeout=timeout_s)
         except (OSError, TimeoutError) as exc:
+            raise SandboxError(f"fork server {request['op']} of {key} failed: {exc or 'timed out'}") from exc
+        finally:
             with self._state:
-                self._spawns.pop(sandbox_id, None)
-            raise SandboxStartError(f"fork server spawn of {sandbox_id} failed: {exc}") from exc
+                self._replies.pop(key, None)
+
+    def spawn(
+        self, sandbox_id: str, uid: int, cgroup_procs: list[str], rlimits: dict[str, int], fds: Sequence[int] = ()
+    ) -> tuple[int, int]:
+        """One isolated sandbox: returns the pids (in the zygote's namespace) of its driver
+        (which says ready on its events channel; ``wait_exit`` gives its status) and of its
+        init (pid 1 of its namespaces)."""
+        request = {"op": "spawn", "id": sandbox_id, "uid": uid, "cgroups": cgroup_procs, "rlimits": rlimits}
+        try:
+            reply = self._ask(request, fds)
+        except SandboxError as exc:
+            raise SandboxStartError(str(exc)) from exc
+        return int(reply["pid"]), int(reply["init"])
+
+    def kill(self, sandbox_id: str, pid: int, init_pid: int, uid: int, timeout_s: float = 10.0) -> bool:
+        """SIGKILL a sandbox's driver and init; True once the init is reaped (nothing of the
+        sandbox is left), False when the zygote could not confirm it."""
+        request = {"op": "kill", "id": sandbox_id, "pid": pid, "init": init_pid, "uid": uid}
+        try:
+            reply = self._ask(request, timeout_s=timeout_s)
+        except SandboxError:
+            return False
+        return bool(reply.get("confirmed"))
+
+    def collect(self, sandbox_id: str, pid: int, timeout_s: float = 40.0) -> int:
+        """Have the zygote copy the artifacts of the sandbox whose driver is ``pid`` into its
+        export directory (gVisor); returns how many files it copied."""
+        return int(self._ask({"op": "collect", "id": sandbox_id, "pid": pid}, timeout_s=timeout_s)["count"])
 
     def running(self, pid: int) -> bool:
         with self._state:
             return self._alive and pid not in self._exits
 
-    def wait_exit(self, pid: int, timeout_s: float) -> int:
-        """The child's raw wait status; TimeoutError if it is still running."""
+    def wait_exit(self, pid: int, timeout_s: float) -> DriverExit:
+        """How the driver ended; TimeoutError if it is still running."""
         with self._state:
             if not self._state.wait_for(lambda: pid in self._exits or not self._alive, timeout_s):
                 raise TimeoutError(f"child {pid} still running")
-            return self._exits.get(pid, 9)  # zygote gone: its children were SIGKILLed
+            return self._exits.get(pid, DriverExit(9))  # zygote gone: its children were SIGKILLed
 
     def forget(self, pid: int) -> None:
         with self._state:
             self._exits.pop(pid, None)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
         """Stop the zygote; it SIGKILLs any child still running."""
         self._closing = True
         self._alive = False
@@ -181,12 +240,12 @@ class ForkServer:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
-        if self._process is not None:
+        if self.process is not None:
             try:
-                self._process.wait(timeout=10)
+                self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+                self.process.kill()
+                self.process.wait()
 
 
 def exit_pair(status: int) -> tuple[int | None, int | None]:

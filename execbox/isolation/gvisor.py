@@ -1,6 +1,19 @@
-"""The ``gvisor`` backend: one gVisor (runsc, ptrace platform) sandbox per execution.
+"""The ``gvisor`` backend: gVisor (runsc) as the outer wall.
 
-Each sandbox is an OCI bundle (:mod:`execbox.isolation.oci`) run by an attached
+Two modes, chosen by probing the runsc at hand (never its version string):
+
+* **two walls** (a runsc whose sandboxes offer working mount namespaces, e.g. Debian 12's
+  bookworm-backports ``0.0~20240729``): each warm pool slot is a long-lived gVisor sandbox
+  with the fork server inside, and every execution runs in a fresh inner sandbox built by
+  the same code as the ``namespaces`` backend's; see :mod:`execbox.isolation.gvisor_host`.
+* **single-use** (an older runsc, ``SANDBOX_GVISOR_EXECUTIONS_PER_SANDBOX=1``, or
+  ``SANDBOX_ENABLE_SECCOMP``, whose Docker-format profile applies to the whole sandbox):
+  one gVisor sandbox per execution, as described below.
+
+The platform is ``systrap`` where a real sandbox starts on it, else ``ptrace``; ``kvm``
+only when asked for and only if a real sandbox starts on it within seconds.
+
+Single-use: each sandbox is an OCI bundle (:mod:`execbox.isolation.oci`) run by an attached
 ``runsc run`` under a runsc state root of execbox's own (``<state_dir>/gvisor/state``),
 always with ``--network=none``: a read-only root of read-only binds (``/usr``, a minimal
 ``/etc``, the runtime environment, the driver), gVisor-internal size-capped tmpfs ``/tmp``
@@ -29,8 +42,6 @@ The user's code talks only to the gVisor sentry, never to the host kernel.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import json
 import logging
@@ -48,11 +59,14 @@ from typing import Any
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
+from execbox.isolation.gvisor_host import GVisorExecution, GVisorHost, HostLayout
 from execbox.isolation.hostproc import (
     close_all,
     kill_pidfd,
     kill_process,
+    mount_tmpfs,
     read_available,
+    remove_workspace,
 )
 from execbox.isolation.oci import (
     SeccompProfileError,
@@ -66,7 +80,10 @@ from execbox.isolation.oci import (
 )
 from execbox.isolation.owners import is_orphan, sandbox_name
 from execbox.isolation.protocol import FrameReader
+from execbox.isolation.rootfs import mount_plan, publish_etc
+from execbox.isolation.seccomp import build_filter_fd
 from execbox.isolation.supervise import SupervisedSandbox, wait_ready
+from execbox.runtimes import RUNTIME_MOUNT
 
 __all__ = ["PIDS_BACKSTOP", "SENTRY_MEMORY_BYTES", "GVisorBackend", "GVisorSandbox"]
 
@@ -74,12 +91,32 @@ log = logging.getLogger("execbox.gvisor")
 
 #: memory allowed on top of the execution's limit for the sentry, gofer and ptrace stubs
 SENTRY_MEMORY_BYTES = 32 << 20
+#: memory a long-lived gVisor sandbox may take while it starts and holds its fork server
+#: (Python with pandas preloaded), before an execution's own limit applies
+HOST_MEMORY_BYTES = 768 << 20
+#: a long-lived gVisor sandbox no execution took for this long is closed
+IDLE_HOST_S = 5.0
+_IDLE_CHECK_S = 1.0
 #: pids cgroup backstop only: gVisor counts its own threads and breaks below ~256
 PIDS_BACKSTOP = 1024
 _CGROUP_PARENT = "execbox-gvisor"
-_REFUSED_PLATFORMS = {"kvm": "the kvm platform hangs with the sandbox at 100% CPU with this gVisor; use ptrace"}
-_MS_NOSUID, _MS_NODEV, _MNT_DETACH = 0x2, 0x4, 0x2
-_libc = ctypes.CDLL(None, use_errno=True)
+#: platforms tried, in order, when none is configured
+_AUTO_PLATFORMS = ("systrap", "ptrace")
+#: a kvm (or any) probe sandbox must start within this
+_PROBE_TIMEOUT_S = 20.0
+#: inside a probe sandbox: does a child's private mount namespace hide its tmpfs?
+_INNER_PROBE = (
+    "import ctypes,os\n"
+    "c=ctypes.CDLL(None,use_errno=True)\n"
+    "pid=os.fork()\n"
+    "if pid==0:\n"
+    " ok=c.unshare(0x20000|0x20000000|0x8000000|0x4000000)==0 and c.mount(None,b'/',None,(1<<14)|(1<<18),None)==0"
+    " and c.mount(b'tmpfs',b'/tmp',b'tmpfs',0,b'size=1m')==0\n"
+    " open('/tmp/probe','w').close() if ok else None\n"
+    " os._exit(0 if ok else 3)\n"
+    "st=os.waitpid(pid,0)[1]\n"
+    "print('inner-isolated' if st==0 and not os.path.exists('/tmp/probe') else 'inner-shared')\n"
+)
 
 
 class GVisorSandbox(SupervisedSandbox):
@@ -156,7 +193,7 @@ class GVisorSandbox(SupervisedSandbox):
 
 
 class GVisorBackend(IsolationBackend):
-    """Builds gVisor sandboxes; see the module docstring for what each one gets."""
+    """Builds gVisor sandboxes; see the module docstring for the two modes."""
 
     name = "gvisor"
 
@@ -167,8 +204,12 @@ class GVisorBackend(IsolationBackend):
         seccomp_profile: Path | None = None,
         runsc: str = "/usr/bin/runsc",
         *,
-        platform: str = "ptrace",
+        platform: str = "auto",
         cgroups: CgroupManager | None = None,
+        executions_per_sandbox: int = 100,
+        sandbox_lifetime_s: float = 600.0,
+        uid_base: int = 60001,
+        uid_count: int = 1000,
     ) -> None:
         self._dir = state_dir / "gvisor"
         self._root = self._dir / "state"
@@ -177,12 +218,25 @@ class GVisorBackend(IsolationBackend):
         self._uid = uid
         self._seccomp_profile = seccomp_profile
         self._runsc_path = runsc
-        self._platform = platform
+        self._platform_choice = platform
+        self._platform = platform if platform != "auto" else _AUTO_PLATFORMS[0]
+        self._executions_max = executions_per_sandbox
+        self._lifetime_s = sandbox_lifetime_s
+        self._uid_range = (uid_base, uid_count)
+        #: "two-walls" or "single-use", decided by check()
+        self.mode = "single-use" if executions_per_sandbox <= 1 or seccomp_profile else "two-walls"
+        self._mode_reason = ""
+        self._version = ""
         # one cgroup parent per state directory: reap() never touches another instance's sandboxes
         digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
         self._cgroups = cgroups or CgroupManager(parent=f"{_CGROUP_PARENT}-{digest}")
         self._seccomp: dict[Path, dict[str, Any]] = {}
         self._layout: tuple[Path, list[SystemBind]] | None = None
+        self._filter: bytes | None = None
+        self._free: dict[int, list[GVisorHost]] = {}
+        self._hosts: set[GVisorHost] = set()
+        self._idle_timer: threading.Timer | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def _argv(self, *args: str) -> list[str]:
@@ -194,59 +248,107 @@ class GVisorBackend(IsolationBackend):
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise SandboxError(f"runsc {' '.join(args)} failed: {exc}") from exc
 
+    def describe(self) -> dict[str, Any]:
+        return {
+            "runsc_version": self._version,
+            "platform": self._platform,
+            "mode": self.mode,
+            "mode_reason": self._mode_reason,
+            "executions_per_sandbox": self._executions_max if self.mode == "two-walls" else 1,
+            "sandbox_lifetime_s": self._lifetime_s,
+        }
+
     # -- host checks -----------------------------------------------------------------
 
     def check(self) -> None:
         if not os.access(self._runsc_path, os.X_OK):
             raise BackendUnavailableError(
-                f"runsc (gVisor) is not installed at {self._runsc_path}: apt-get install runsc "
-                "(Debian/Ubuntu), or see https://gvisor.dev/docs/user_guide/install/"
+                f"runsc (gVisor) is not installed at {self._runsc_path}: on Debian 12 `make setup` installs it "
+                "from bookworm-backports; elsewhere see https://gvisor.dev/docs/user_guide/install/"
             )
-        if self._platform in _REFUSED_PLATFORMS:
-            raise BackendUnavailableError(f"runsc platform {self._platform}: {_REFUSED_PLATFORMS[self._platform]}")
         if os.geteuid() != 0:
             raise BackendUnavailableError("the gvisor backend needs root (runsc sandboxes, cgroups, workspace mounts)")
         self._cgroups.check()
-        offered = subprocess.run([self._runsc_path, "help", "platforms"], capture_output=True, check=False).stdout
-        if self._platform not in offered.decode(errors="replace").split():
-            raise BackendUnavailableError(
-                f"this runsc has no platform {self._platform!r} (it offers {', '.join(offered.decode().split())}); "
-                "use ptrace"
-            )
+        try:
+            version = subprocess.run([self._runsc_path, "--version"], capture_output=True, timeout=10, check=False)
+            offered = subprocess.run([self._runsc_path, "help", "platforms"], capture_output=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendUnavailableError(f"runsc does not answer: {exc}") from exc
+        self._version = version.stdout.decode(errors="replace").splitlines()[0].removeprefix("runsc version ") if version.stdout else "unknown"
+        platforms = offered.stdout.decode(errors="replace").split()
+        wanted = _AUTO_PLATFORMS if self._platform_choice == "auto" else (self._platform_choice,)
         seccomp = self._seccomp_section(self._seccomp_profile)
-        done = self._probe(seccomp)
-        said = (done.stderr or done.stdout).decode(errors="replace").strip()[-400:]
-        if seccomp is None:
-            if done.returncode == 0 and b"Linux" in done.stdout:
-                return
+        failures = []
+        for platform in wanted:
+            if platform not in platforms:
+                failures.append(f"{platform}: not offered by this runsc (it offers {', '.join(platforms)})")
+                continue
+            self._platform = platform
+            try:
+                done = self._probe(seccomp)
+            except BackendUnavailableError as exc:
+                failures.append(f"{platform}: {exc}")
+                continue
+            said = (done.stderr or done.stdout).decode(errors="replace").strip()[-400:]
+            if seccomp is None and done.returncode == 0 and b"Linux" in done.stdout:
+                break
+            if seccomp is not None and b"Linux" in done.stdout:
+                raise BackendUnavailableError(
+                    "SANDBOX_ENABLE_SECCOMP is set but this runsc ignores OCI seccomp profiles; "
+                    "upgrade gVisor or unset SANDBOX_ENABLE_SECCOMP"
+                )
+            if seccomp is not None and b"not permitted" in done.stderr:
+                break
+            failures.append(f"{platform}: exit {done.returncode}: {said}")
+        else:
             raise BackendUnavailableError(
-                f"runsc cannot start a sandbox (exit {done.returncode}: {said}); see "
-                f"`runsc --network=none --platform={self._platform} do true`; reinstall with apt-get install runsc"
+                "runsc cannot start a sandbox (" + "; ".join(failures) + "); see "
+                f"`runsc --network=none --platform={wanted[0]} do true`"
             )
-        if b"Linux" in done.stdout:
-            raise BackendUnavailableError(
-                "SANDBOX_ENABLE_SECCOMP is set but this runsc ignores OCI seccomp profiles; "
-                "upgrade gVisor or unset SANDBOX_ENABLE_SECCOMP"
-            )
-        if b"not permitted" not in done.stderr:
-            raise BackendUnavailableError(
-                f"SANDBOX_ENABLE_SECCOMP: runsc cannot apply {self._seccomp_profile} (exit {done.returncode}: "
-                f"{said}); fix the profile or unset SANDBOX_ENABLE_SECCOMP"
-            )
+        self._choose_mode()
 
-    def _probe(self, seccomp: dict[str, Any] | None) -> subprocess.CompletedProcess[bytes]:
-        """Run the tiny ``uname`` sandbox of :func:`probe_config` for real."""
+    def _choose_mode(self) -> None:
+        """Two walls where inner mount namespaces really isolate; single-use otherwise."""
+        if self._seccomp_profile is not None:
+            self.mode, self._mode_reason = "single-use", "SANDBOX_ENABLE_SECCOMP applies a profile to the whole sandbox"
+        elif self._executions_max <= 1:
+            self.mode, self._mode_reason = "single-use", "SANDBOX_GVISOR_EXECUTIONS_PER_SANDBOX=1"
+        else:
+            done = self._probe(None, inner=True)
+            if b"inner-isolated" in done.stdout:
+                self.mode, self._mode_reason = "two-walls", "mount namespaces work inside this runsc"
+            else:
+                self.mode = "single-use"
+                self._mode_reason = (
+                    f"this runsc ({self._version}) has no working mount namespaces inside its sandboxes; "
+                    "install a current gVisor (Debian 12: runsc from bookworm-backports) for two walls"
+                )
+                log.warning("gvisor backend runs single-use sandboxes: %s", self._mode_reason)
+
+    def _probe(self, seccomp: dict[str, Any] | None, inner: bool = False) -> subprocess.CompletedProcess[bytes]:
+        """Run the tiny ``uname`` sandbox of :func:`probe_config` for real (``inner``: the
+        mount-namespace probe, as root inside gVisor)."""
         rootfs, _ = self._layout_paths()
         probe = sandbox_name("probe")
         bundle = self._bundles / probe
         bundle.mkdir()
         try:
-            (bundle / "config.json").write_text(json.dumps(probe_config(rootfs, self._uid, seccomp)))
+            config = probe_config(rootfs, self._uid, seccomp)
+            if inner:
+                config["process"].update(
+                    user={"uid": 0, "gid": 0}, args=["/usr/bin/python3", "-I", "-c", _INNER_PROBE],
+                    capabilities={k: ["CAP_SYS_ADMIN"] for k in ("bounding", "effective", "permitted")},
+                )  # fmt: skip
+                config["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"})
+            (bundle / "config.json").write_text(json.dumps(config))
             argv = self._argv(*_seccomp_flags(seccomp), "run", "--bundle", str(bundle), probe)
-            return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False, env={})
+            return subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=_PROBE_TIMEOUT_S, check=False, env={}
+            )
         except subprocess.TimeoutExpired as exc:
+            self._run_runsc("kill", probe, "KILL", timeout_s=10)
             raise BackendUnavailableError(
-                f"runsc did not run a tiny sandbox within 60 s on platform {self._platform}; "
+                f"runsc did not run a tiny sandbox within {_PROBE_TIMEOUT_S:g} s on platform {self._platform}; "
                 f"try `runsc --network=none --platform={self._platform} do true`"
             ) from exc
         finally:
@@ -260,7 +362,10 @@ class GVisorBackend(IsolationBackend):
         with self._lock:
             if profile in self._seccomp:
                 return self._seccomp[profile]
-        flags = subprocess.run([self._runsc_path, "flags"], capture_output=True, check=False)
+        try:
+            flags = subprocess.run([self._runsc_path, "flags"], capture_output=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendUnavailableError(f"runsc flags does not answer: {exc}") from exc
         if b"oci-seccomp" not in flags.stdout + flags.stderr:
             raise BackendUnavailableError(
                 "SANDBOX_ENABLE_SECCOMP is set but this runsc cannot apply OCI seccomp profiles "
@@ -284,7 +389,7 @@ class GVisorBackend(IsolationBackend):
                 for path in (self._root, self._bundles, self._work):
                     path.mkdir(parents=True, exist_ok=True)
                     path.chmod(0o700)  # workspaces belong to uid 65534 on the host: keep host users out
-                self._layout = prepare_rootfs(self._dir, self._uid)
+                self._layout = prepare_rootfs(self._dir, publish_etc(self._dir, *self._uid_range))
             return self._layout
 
     # -- sandboxes -------------------------------------------------------------------
@@ -296,8 +401,95 @@ class GVisorBackend(IsolationBackend):
             )
         if spec.network:
             raise SandboxStartError("the gvisor backend runs sandboxes with --network=none; it offers no network")
-        if self._platform in _REFUSED_PLATFORMS:
-            raise SandboxStartError(f"runsc platform {self._platform}: {_REFUSED_PLATFORMS[self._platform]}")
+        if self.mode == "two-walls":
+            return self._create_inner(spec)
+        return self._create_single(spec)
+
+    # -- two walls --------------------------------------------------------------------
+
+    def _host_layout(self) -> HostLayout:
+        rootfs, _ = self._layout_paths()
+        return HostLayout(
+            runsc_argv=self._argv, delete_state=self._delete_state, bundles=self._bundles, work=self._work,
+            rootfs=rootfs, cgroups=self._cgroups, uid_base=self._uid_range[0], uid_count=self._uid_range[1],
+            pids_backstop=PIDS_BACKSTOP, sentry_memory_bytes=SENTRY_MEMORY_BYTES + HOST_MEMORY_BYTES,
+        )  # fmt: skip
+
+    def _create_inner(self, spec: SandboxSpec) -> Sandbox:
+        """A fresh inner sandbox in a free long-lived gVisor sandbox (started if none is free)."""
+        host, stale = None, []
+        with self._lock:
+            free = self._free.setdefault(id(spec), [])
+            while free and host is None:
+                candidate = free.pop()
+                if candidate.usable(self._executions_max, self._lifetime_s):
+                    host = candidate
+                else:
+                    stale.append(candidate)
+                    self._hosts.discard(candidate)
+        for candidate in stale:
+            candidate.close()
+        if host is None:
+            rootfs, _ = self._layout_paths()
+            with self._lock:
+                make_mount_points(rootfs, spec)
+                if self._filter is None:
+                    fd = build_filter_fd(False)
+                    try:
+                        self._filter = os.read(fd, 1 << 20)
+                    finally:
+                        os.close(fd)
+            _, etc_binds = self._layout
+            etc = next(b.source for b in etc_binds if b.target == "/etc")
+            host = GVisorHost(self._host_layout(), spec, mount_plan(spec, etc, RUNTIME_MOUNT), self._filter)
+            host.start()
+            with self._lock:
+                self._hosts.add(host)
+        try:
+            execution = host.prepare()
+        except BaseException:
+            with self._lock:
+                self._hosts.discard(host)
+            host.close()
+            raise
+        execution.on_destroyed = self._returned
+        return execution
+
+    def _returned(self, execution: GVisorExecution) -> None:
+        """An execution was destroyed: its host serves the next one, or is retired."""
+        host = execution.host
+        with self._lock:
+            if host.usable(self._executions_max, self._lifetime_s) and host in self._hosts:
+                host.idle_since = time.monotonic()
+                self._free.setdefault(id(host.spec), []).append(host)
+                if self._idle_timer is None:
+                    self._idle_timer = threading.Timer(_IDLE_CHECK_S, self._close_idle)
+                    self._idle_timer.daemon = True
+                    self._idle_timer.start()
+                return
+            self._hosts.discard(host)
+        host.close()
+
+    def _close_idle(self) -> None:
+        """Close hosts nobody took for a while (the pool keeps only its warm ones busy)."""
+        now = time.monotonic()
+        idle: list[GVisorHost] = []
+        with self._lock:
+            self._idle_timer = None
+            for free in self._free.values():
+                idle += [h for h in free if now - h.idle_since >= IDLE_HOST_S]
+                free[:] = [h for h in free if now - h.idle_since < IDLE_HOST_S]
+            self._hosts.difference_update(idle)
+            if any(self._free.values()) and not self._closed:
+                self._idle_timer = threading.Timer(_IDLE_CHECK_S, self._close_idle)
+                self._idle_timer.daemon = True
+                self._idle_timer.start()
+        for host in idle:
+            host.close()
+
+    # -- single use -------------------------------------------------------------------
+
+    def _create_single(self, spec: SandboxSpec) -> Sandbox:
         seccomp = self._seccomp_section(spec.seccomp_profile or self._seccomp_profile)
         rootfs, binds = self._layout_paths()
         with self._lock:
@@ -309,8 +501,8 @@ class GVisorBackend(IsolationBackend):
             bundle.mkdir()
             stack.callback(shutil.rmtree, bundle, True)
             workspace.mkdir()
-            stack.callback(_remove_workspace, workspace)
-            _mount_tmpfs(workspace, spec.workspace_bytes, self._uid)
+            stack.callback(remove_workspace, workspace)
+            mount_tmpfs(workspace, spec.workspace_bytes, self._uid)
             cgroup = self._cgroups.create(sandbox_id, memory_limit_bytes, PIDS_BACKSTOP, spec.cpus)
             stack.callback(cgroup.remove)
             config = build_config(
@@ -379,14 +571,22 @@ class GVisorBackend(IsolationBackend):
                     if not is_orphan(entry.name):
                         continue
                     if directory == self._work:
-                        _remove_workspace(entry)
+                        remove_workspace(entry)
                     shutil.rmtree(entry, ignore_errors=True)
                     found.add(entry.name)
         found.update(_reap_cgroups(self._cgroups.root, self._cgroups.parent))
         return len(found)
 
     def close(self) -> None:
-        """Remove this state directory's cgroup parents if no sandbox is left in them."""
+        """Close every long-lived gVisor sandbox; remove this state directory's cgroup parents
+        if no sandbox is left in them."""
+        with self._lock:
+            self._closed = True
+            hosts, self._hosts, self._free = list(self._hosts), set(), {}
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+        for host in hosts:
+            host.close()
         for top in _cgroup_parents(self._cgroups.root, self._cgroups.parent):
             with contextlib.suppress(OSError):  # absent, or still in use
                 top.rmdir()
@@ -397,38 +597,6 @@ class GVisorBackend(IsolationBackend):
 
 def _seccomp_flags(seccomp: dict[str, Any] | None) -> list[str]:
     return ["--oci-seccomp"] if seccomp is not None else []
-
-
-def _mount_tmpfs(target: Path, size_bytes: int, uid: int) -> None:
-    options = f"size={size_bytes},mode=0700,uid={uid},gid={uid}".encode()
-    if _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", _MS_NOSUID | _MS_NODEV, options) != 0:
-        raise SandboxStartError(f"cannot mount the workspace tmpfs at {target}: {os.strerror(ctypes.get_errno())}")
-
-
-def _umount(target: Path) -> None:
-    if _libc.umount2(os.fsencode(target), 0) == 0 or ctypes.get_errno() == errno.EINVAL:  # EINVAL: not mounted
-        return
-    if _libc.umount2(os.fsencode(target), _MNT_DETACH) != 0:
-        raise SandboxError(f"cannot unmount {target}: {os.strerror(ctypes.get_errno())}")
-
-
-def _mounts_under(directory: Path) -> list[Path]:
-    """Mount points below ``directory``, deepest first."""
-    prefix = os.path.realpath(directory) + "/"
-    with open("/proc/self/mountinfo") as mountinfo:
-        targets = [line.split()[4].replace("\\040", " ") for line in mountinfo]
-    return sorted((Path(t) for t in targets if t.startswith(prefix)), key=lambda p: len(p.parts), reverse=True)
-
-
-def _remove_workspace(workspace: Path) -> None:
-    for mount_point in _mounts_under(workspace):
-        _umount(mount_point)
-    for _ in range(8):  # a tmpfs, or several stacked by accident
-        if Path(os.path.realpath(workspace)) not in _mounts_under(workspace.parent):
-            break
-        _umount(workspace)
-    with contextlib.suppress(FileNotFoundError):
-        workspace.rmdir()
 
 
 def _cgroup_parents(root: Path, parent: str) -> list[Path]:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import signal
 import subprocess
+from pathlib import Path
 
-__all__ = ["close_all", "kill_pidfd", "kill_process", "read_available"]
+from execbox.errors import SandboxError, SandboxStartError
+
+__all__ = ["close_all", "kill_pidfd", "kill_process", "mount_tmpfs", "read_available", "remove_workspace"]
+
+_MS_NOSUID, _MS_NODEV, _MNT_DETACH = 0x2, 0x4, 0x2
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def close_all(fds: dict[str, int]) -> None:
@@ -38,3 +46,35 @@ def read_available(fd: int, limit: int = 4096) -> str:
         return os.read(fd, limit).decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def mount_tmpfs(target: Path, size_bytes: int, uid: int) -> None:
+    options = f"size={size_bytes},mode=0700,uid={uid},gid={uid}".encode()
+    if _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", _MS_NOSUID | _MS_NODEV, options) != 0:
+        raise SandboxStartError(f"cannot mount the workspace tmpfs at {target}: {os.strerror(ctypes.get_errno())}")
+
+
+def _umount(target: Path) -> None:
+    if _libc.umount2(os.fsencode(target), 0) == 0 or ctypes.get_errno() == errno.EINVAL:  # EINVAL: not mounted
+        return
+    if _libc.umount2(os.fsencode(target), _MNT_DETACH) != 0:
+        raise SandboxError(f"cannot unmount {target}: {os.strerror(ctypes.get_errno())}")
+
+
+def _mounts_under(directory: Path) -> list[Path]:
+    """Mount points below ``directory``, deepest first."""
+    prefix = os.path.realpath(directory) + "/"
+    with open("/proc/self/mountinfo") as mountinfo:
+        targets = [line.split()[4].replace("\\040", " ") for line in mountinfo]
+    return sorted((Path(t) for t in targets if t.startswith(prefix)), key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_workspace(workspace: Path) -> None:
+    for mount_point in _mounts_under(workspace):
+        _umount(mount_point)
+    for _ in range(8):  # a tmpfs, or several stacked by accident
+        if Path(os.path.realpath(workspace)) not in _mounts_under(workspace.parent):
+            break
+        _umount(workspace)
+    with contextlib.suppress(FileNotFoundError):
+        workspace.rmdir()

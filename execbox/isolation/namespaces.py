@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +26,7 @@ from pathlib import Path
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
-from execbox.isolation.forkserver import ForkServer, exit_pair
+from execbox.isolation.forkserver import ZYGOTE, ForkServer, exit_pair
 from execbox.isolation.hostproc import (
     close_all,
     kill_pidfd,
@@ -38,17 +35,18 @@ from execbox.isolation.hostproc import (
 )
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
+from execbox.isolation.rootfs import mount_plan, publish_etc
 from execbox.isolation.seccomp import build_filter_fd
 from execbox.isolation.supervise import SupervisedSandbox, wait_ready
 from execbox.runtimes import (
     CONTROL_FD_ENV,
-    DRIVER_MOUNT,
     EVENTS_FD_ENV,
     RUNTIME_MOUNT,
+    SYSTEM_PYTHON,
     WORKSPACE,
 )
 
-__all__ = ["UID_LOCK_DIR", "NamespacesBackend", "NamespacesSandbox", "UidAllocator", "mount_plan"]
+__all__ = ["UID_LOCK_DIR", "NamespacesBackend", "NamespacesSandbox", "UidAllocator"]
 
 _BWRAP = "/usr/bin/bwrap"
 #: host-wide uid claims (a tmpfs: emptied at boot, like the claims themselves)
@@ -56,34 +54,6 @@ UID_LOCK_DIR = Path("/run/execbox/uids")
 _PRLIMIT = "/usr/bin/prlimit"
 _SETPRIV = "/usr/bin/setpriv"
 _NICE = "/usr/bin/nice"
-_ETC_FILES_FROM_HOST = ("ld.so.cache", "localtime", "mime.types")
-_ETC_DIRS_FROM_HOST = ("ssl", "alternatives", "fonts")
-
-
-def mount_plan(spec: SandboxSpec, etc_dir: Path, runtime_target: str) -> list[tuple[str, str, str]]:
-    """The sandbox's file system, in order, as ``(op, a, b)``; one plan for every launcher.
-
-    ops: ``ro-bind``/``bind`` (host source, target), ``symlink`` (link text, path),
-    ``tmpfs`` (path, size in bytes), ``proc`` (path, ""), ``dev`` (path, "").
-    """
-    plan = [("ro-bind", "/usr", "/usr")]
-    for name in ("bin", "lib", "lib64", "sbin"):
-        host = Path("/", name)
-        if host.is_symlink():
-            plan.append(("symlink", os.readlink(host), f"/{name}"))
-        elif host.is_dir():
-            plan.append(("ro-bind", str(host), f"/{name}"))
-    plan.append(("ro-bind", str(etc_dir), "/etc"))
-    plan += [("ro-bind", f"/etc/{name}", f"/etc/{name}") for name in _ETC_DIRS_FROM_HOST if Path("/etc", name).is_dir()]
-    plan += [("proc", "/proc", ""), ("dev", "/dev", "")]
-    plan += [("tmpfs", "/tmp", str(spec.tmp_bytes)), ("tmpfs", "/dev/shm", str(spec.tmp_bytes))]
-    plan.append(("tmpfs", WORKSPACE, str(spec.workspace_bytes)))
-    plan.append(("ro-bind", str(spec.runtime_env_dir), runtime_target))
-    plan.append(("ro-bind", str(spec.runtime.driver_path), f"{DRIVER_MOUNT}/{spec.runtime.driver_path.name}"))
-    plan += [("bind" if m.writable else "ro-bind", str(m.source), m.target) for m in spec.mounts]
-    return plan
-
-
 class UidAllocator:
     """Hands out one host uid per live sandbox from a fixed range (thread-safe).
 
@@ -231,45 +201,7 @@ class NamespacesBackend(IsolationBackend):
             return self._filters[network]
 
     def _etc(self) -> Path:
-        """A minimal /etc for sandboxes: users, hosts, and the host's loader cache and certificates.
-
-        Named by a hash of its content and published by an atomic rename, never changed
-        or deleted afterwards: services sharing a state directory never see it half-built.
-        """
-        with self._lock:
-            if self._etc_dir is not None:
-                return self._etc_dir
-            base, count = self._uid_range
-            users = [f"sandbox{uid - base}:x:{uid}:{uid}:sandbox:/tmp:/usr/sbin/nologin" for uid in range(base, base + count)]
-            groups = [f"sandbox{gid - base}:x:{gid}:" for gid in range(base, base + count)]
-            files = {
-                "passwd": "\n".join(["root:x:0:0:root:/root:/usr/sbin/nologin", *users]) + "\n",
-                "group": "\n".join(["root:x:0:", *groups]) + "\n",
-                "hosts": "127.0.0.1 localhost sandbox\n::1 localhost sandbox\n",
-                "hostname": "sandbox\n",
-                "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
-            }
-            contents = {name: text.encode() for name, text in files.items()}
-            for name in _ETC_FILES_FROM_HOST:
-                if Path("/etc", name).is_file():
-                    contents[name] = Path("/etc", name).read_bytes()
-            digest = hashlib.sha256(json.dumps({k: v.hex() for k, v in sorted(contents.items())}).encode()).hexdigest()
-            etc = self._state_dir / f"etc-{digest[:16]}"
-            if not etc.is_dir():
-                self._state_dir.mkdir(parents=True, exist_ok=True)
-                staging = Path(tempfile.mkdtemp(prefix=".etc-", dir=self._state_dir))
-                for name, data in contents.items():
-                    (staging / name).write_bytes(data)
-                    (staging / name).chmod(0o644)
-                for name in _ETC_DIRS_FROM_HOST:
-                    (staging / name).mkdir()
-                staging.chmod(0o755)
-                try:
-                    os.rename(staging, etc)
-                except OSError:  # published meanwhile by another process: same content
-                    shutil.rmtree(staging, ignore_errors=True)
-            self._etc_dir = etc
-            return etc
+        return publish_etc(self._state_dir, *self._uid_range)
 
     # -- sandboxes -------------------------------------------------------------------
 
@@ -313,13 +245,12 @@ class NamespacesBackend(IsolationBackend):
             raise SandboxStartError(
                 f"the {spec.runtime.name} runtime environment {spec.runtime_env_dir} is missing; run `execbox build`"
             )
-        if self._use_forkserver and spec.runtime.fork_server is not None:
+        if self._use_forkserver:
             return self._create_forked(spec)
         return self._create_bwrap(spec)
 
     def _forkserver(self, spec: SandboxSpec) -> ForkServer:
         """The running zygote for this spec, started (or restarted) on demand."""
-        assert spec.runtime.fork_server is not None
         key = self._spec_keys.get(id(spec))
         if key is None:  # specs are built once per pool: compute the key once
             key = self._spec_keys.setdefault(id(spec), repr(spec))
@@ -329,19 +260,36 @@ class NamespacesBackend(IsolationBackend):
                 return server
             if server is not None:
                 server.close()
-            host_env = str(spec.runtime_env_dir)
-            env = {k: v.replace(RUNTIME_MOUNT, host_env) for k, v in spec.env.items()}
+            runtime = spec.runtime
+            if runtime.driver_in_process:
+                # the zygote is the runtime's interpreter, already running: its paths stay valid
+                target, interpreter = str(spec.runtime_env_dir), spec.runtime_env_dir / "bin" / "python3"
+            else:
+                target, interpreter = RUNTIME_MOUNT, Path(SYSTEM_PYTHON)
+            env = {k: v.replace(RUNTIME_MOUNT, target) for k, v in spec.env.items()}
             root = self._state_dir / "root"
             root.mkdir(parents=True, exist_ok=True)
+
+            def launch(sock_fd: int) -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    [str(interpreter), "-I", "-B", str(ZYGOTE)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    pass_fds=(sock_fd,),
+                    env={**env, "EXECBOX_ZYGOTE_FD": str(sock_fd)},
+                    start_new_session=True,
+                )
+
             server = ForkServer(
-                spec.runtime_env_dir / "bin" / "python3",
-                spec.runtime.fork_server,
-                root_dir=root,
-                plan=mount_plan(spec, self._etc(), host_env),
+                launch,
+                root_dir=str(root),
+                plan=mount_plan(spec, self._etc(), target),
                 seccomp_bpf=self._filter(spec.network),
                 env=env,
                 network=spec.network,
                 preload=",".join(spec.preload_modules),
+                driver=str(runtime.driver_path) if runtime.driver_in_process else None,
+                exec_argv=None if runtime.driver_in_process else runtime.argv(),
                 nice=spec.warm_nice,
             )
             server.start()
@@ -399,7 +347,7 @@ class NamespacesBackend(IsolationBackend):
             cgroup=cgroup,
             fds=fds,
             reader=reader,
-            exit_status=lambda timeout_s: exit_pair(server.wait_exit(pid, timeout_s)),
+            exit_status=lambda timeout_s: exit_pair(server.wait_exit(pid, timeout_s).status),
             running=lambda: server.running(pid),
             release=release,
         )

@@ -47,6 +47,7 @@ from typing import Any
 
 from execbox.errors import BackendUnavailableError
 from execbox.isolation.base import SandboxSpec
+from execbox.isolation.rootfs import ETC_DIRS_FROM_HOST, PlanStep
 from execbox.runtimes import (
     CONTROL_FD_ENV,
     DRIVER_MOUNT,
@@ -57,9 +58,12 @@ from execbox.runtimes import (
 
 __all__ = [
     "CHANNEL_SHELL",
+    "EXPORT_DIR",
+    "ZYGOTE_DIR",
     "SeccompProfileError",
     "SystemBind",
     "build_config",
+    "build_host_config",
     "docker_profile_to_oci",
     "load_docker_profile",
     "make_mount_points",
@@ -74,8 +78,14 @@ _EVENTS_FD = 4
 _CPU_PERIOD_US = 100_000
 _BIND_RO = ["rbind", "ro", "nosuid", "nodev"]
 _BIND_RW = ["rbind", "rw", "nosuid", "nodev"]
-_ETC_FILES_FROM_HOST = ("ld.so.cache", "localtime", "mime.types")
-_ETC_DIRS_FROM_HOST = ("ssl", "alternatives", "fonts")
+#: inside a two-walls gVisor sandbox: where the zygote is and where it exports artifacts
+ZYGOTE_DIR = "/opt/execbox"
+EXPORT_DIR = "/run/export"
+#: what the fork server needs, as root of the sentry's kernel, to build inner sandboxes
+_HOST_CAPABILITIES = (
+    "CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL", "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SYS_PTRACE", "CAP_SYS_CHROOT",
+)
 _NO_CAPABILITIES: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
 #: Docker's architecture names (includes.arches) and seccomp's, per host machine
 _ARCHES = {"x86_64": ("amd64", "SCMP_ARCH_X86_64"), "aarch64": ("arm64", "SCMP_ARCH_AARCH64")}
@@ -212,11 +222,11 @@ def probe_config(rootfs: Path, uid: int, seccomp: Mapping[str, Any] | None) -> d
 # -- the root skeleton (host I/O) -----------------------------------------------------
 
 
-def prepare_rootfs(directory: Path, uid: int) -> tuple[Path, list[SystemBind]]:
+def prepare_rootfs(directory: Path, etc: Path) -> tuple[Path, list[SystemBind]]:
     """Build (in place, idempotently) the shared read-only root skeleton of every bundle
-    (mount points, ``bin -> usr/bin`` style links) and a minimal ``/etc`` under ``directory``;
-    returns the skeleton and the system binds (``/usr``, ``/etc`` and host ``/etc`` dirs)."""
-    rootfs, etc = directory / "rootfs", directory / "etc"
+    (mount points, ``bin -> usr/bin`` style links) under ``directory``; returns it and the
+    system binds (``/usr``, the published minimal ``/etc`` and the host's /etc dirs)."""
+    rootfs = directory / "rootfs"
     binds = [SystemBind(Path("/usr"), "/usr")]
     rootfs.mkdir(parents=True, exist_ok=True)
     for name in ("bin", "lib", "lib64", "sbin"):
@@ -225,33 +235,17 @@ def prepare_rootfs(directory: Path, uid: int) -> tuple[Path, list[SystemBind]]:
             (rootfs / name).symlink_to(os.readlink(host))
         elif host.is_dir() and not host.is_symlink():
             binds.append(SystemBind(host, f"/{name}"))
-    for target in ("usr", "etc", "proc", "dev", "sys", "tmp", WORKSPACE, RUNTIME_MOUNT, DRIVER_MOUNT):
+    for target in ("usr", "etc", "proc", "dev", "sys", "tmp", WORKSPACE, RUNTIME_MOUNT, DRIVER_MOUNT, ZYGOTE_DIR, EXPORT_DIR):
         (rootfs / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    etc.mkdir(parents=True, exist_ok=True)
-    contents = {
-        "passwd": f"root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:{uid}:{uid}::/tmp:/usr/sbin/nologin\n".encode(),
-        "group": f"root:x:0:\nsandbox:x:{uid}:\n".encode(),
-        "hosts": b"127.0.0.1 localhost sandbox\n::1 localhost sandbox\n",
-        "hostname": b"sandbox\n",
-        "nsswitch.conf": b"passwd: files\ngroup: files\nhosts: files dns\n",
-    }
-    contents.update({n: Path("/etc", n).read_bytes() for n in _ETC_FILES_FROM_HOST if Path("/etc", n).is_file()})
-    for name, data in contents.items():
-        temporary = etc / f".{name}.{os.getpid()}.tmp"  # another instance may write too
-        temporary.write_bytes(data)
-        temporary.chmod(0o644)
-        os.replace(temporary, etc / name)
     binds.append(SystemBind(etc, "/etc"))
-    for name in _ETC_DIRS_FROM_HOST:
-        (etc / name).mkdir(exist_ok=True)
-        if Path("/etc", name).is_dir():
-            binds.append(SystemBind(Path("/etc", name), f"/etc/{name}"))
+    binds += [SystemBind(Path("/etc", n), f"/etc/{n}") for n in ETC_DIRS_FROM_HOST if Path("/etc", n).is_dir()]
     return rootfs, binds
 
 
 def make_mount_points(rootfs: Path, spec: SandboxSpec) -> None:
-    """What a spec binds over must exist in the read-only skeleton (the driver file, mounts)."""
+    """What a spec binds over must exist in the read-only skeleton (the driver, the zygote, mounts)."""
     wanted = [(rootfs / DRIVER_MOUNT.lstrip("/") / spec.runtime.driver_path.name, False)]
+    wanted.append((rootfs / ZYGOTE_DIR.lstrip("/") / "zygote.py", False))
     wanted += [(rootfs / m.target.lstrip("/"), m.source.is_dir()) for m in spec.mounts]
     for path, is_dir in wanted:
         if is_dir:
@@ -259,6 +253,64 @@ def make_mount_points(rootfs: Path, spec: SandboxSpec) -> None:
         elif not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
+
+
+def build_host_config(
+    spec: SandboxSpec,
+    *,
+    plan: Sequence[PlanStep],
+    rootfs: Path,
+    zygote: Path,
+    export_dir: Path,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cgroups_path: str,
+    memory_limit_bytes: int,
+    pids_limit: int,
+) -> dict[str, Any]:
+    """The OCI config of a long-lived gVisor sandbox whose first process is the fork server
+    (the two walls): root *inside gVisor only*, with the few capabilities the inner wall
+    needs to build namespaces, mounts and drop to a sandbox uid; every bind of the inner
+    wall's mount ``plan`` (so the inner plan can bind them again from inside), the zygote,
+    a scratch ``/tmp`` and the host directory artifacts are exported to."""
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+        _tmpfs("/tmp", 16 << 20, mode="0700"),
+        *(_bind(a, b) for op, a, b in plan if op == "ro-bind"),
+        *(_bind(a, b, writable=True) for op, a, b in plan if op == "bind"),
+        _bind(zygote, f"{ZYGOTE_DIR}/zygote.py"),
+        _bind(export_dir, EXPORT_DIR, writable=True),
+    ]
+    capabilities = {k: list(_HOST_CAPABILITIES) for k in ("bounding", "effective", "permitted")}
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0, "additionalGids": []},
+            "args": list(argv),
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": "/",
+            "capabilities": {**_NO_CAPABILITIES, **capabilities},
+            "noNewPrivileges": True,
+            "rlimits": [
+                {"type": "RLIMIT_CORE", "soft": 0, "hard": 0},
+                {"type": "RLIMIT_NOFILE", "soft": 4096, "hard": 4096},
+            ],
+        },
+        "root": {"path": str(rootfs), "readonly": True},
+        "hostname": "sandbox",
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "cgroupsPath": cgroups_path,
+            "resources": {
+                "memory": {"limit": memory_limit_bytes, "swap": memory_limit_bytes},
+                "pids": {"limit": pids_limit},
+                "cpu": {"quota": max(1000, int(spec.cpus * _CPU_PERIOD_US)), "period": _CPU_PERIOD_US},
+            },
+        },
+    }
 
 
 # -- seccomp -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import tempfile
 
 from execbox.errors import BackendUnavailableError
 
-__all__ = ["KILLED_SYSCALLS", "NAMESPACE_CLONE_FLAGS", "build_filter_fd"]
+__all__ = ["KILLED_SYSCALLS", "NAMESPACE_CLONE_FLAGS", "build_filter_fd", "syscall_number"]
 
 KILLED_SYSCALLS: tuple[str, ...] = (
     "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
@@ -41,6 +41,16 @@ KILLED_SYSCALLS: tuple[str, ...] = (
 _ENOSYS_SYSCALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register", "clone3")
 #: CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET (clone's low byte is the exit signal)
 NAMESPACE_CLONE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+
+
+def syscall_number(name: str) -> int:
+    """The native architecture's number of syscall ``name``, from libseccomp."""
+    try:
+        import pyseccomp as sc
+
+        return int(sc.resolve_syscall(sc.Arch.NATIVE, name))
+    except (ImportError, OSError, RuntimeError, ValueError) as exc:
+        raise BackendUnavailableError(f"libseccomp does not know the syscall {name}: {exc}") from exc
 
 
 def build_filter_fd(network: bool) -> int:

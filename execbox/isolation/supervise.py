@@ -67,10 +67,13 @@ def supervise(
     kill: Callable[[], None],
     reader: FrameReader,
     on_output: OutputSink | None = None,
+    exited_fd: int | None = None,
 ) -> Supervised:
     """Run one request to its end: the driver's report, its death, the deadline or the cap.
 
-    On timeout or output cap, ``kill`` is called and the partial output is kept.
+    The driver's death shows as the end of its events channel or, where others hold that
+    channel too (the gVisor two walls), as ``exited_fd`` becoming readable. On timeout or
+    output cap, ``kill`` is called and the partial output is kept.
     """
     out = {stdout_fd: bytearray(), stderr_fd: bytearray()}
     report: DriverReport | None = None
@@ -89,6 +92,8 @@ def supervise(
         sel.register(control_fd, selectors.EVENT_WRITE)
         for fd in (events_fd, stdout_fd, stderr_fd):
             sel.register(fd, selectors.EVENT_READ)
+        if exited_fd is not None:
+            sel.register(exited_fd, selectors.EVENT_READ)
         while report is None and not capped:
             now = time.monotonic()
             if drain_until is not None and (now >= drain_until or not sel.get_map()):
@@ -108,6 +113,10 @@ def supervise(
                         pending = pending[:0]
                     if not pending:
                         sel.unregister(fd)
+                    continue
+                if fd == exited_fd:
+                    sel.unregister(fd)
+                    drain_until = time.monotonic() + _DRAIN_S
                     continue
                 try:
                     data = os.read(fd, _CHUNK)
@@ -194,6 +203,19 @@ class SupervisedSandbox(Sandbox):
     def _set_memory_limit(self, memory_bytes: int) -> None:
         self.cgroup.set_memory_limit(memory_bytes)
 
+    def _limit_memory(self, limits: Limits) -> None:
+        """Apply the execution's memory limit (single-use sandboxes: lower the spec's)."""
+        if limits.memory_bytes < self.spec.memory_bytes:
+            self._set_memory_limit(limits.memory_bytes)
+
+    def _exited_fd(self) -> int | None:
+        """An fd that becomes readable when the driver has died (None: its events channel ends)."""
+        return None
+
+    def _usage(self) -> tuple[bool, int | None, float | None]:
+        """(OOM-killed, peak memory bytes, CPU ms) of this execution."""
+        return self.cgroup.oom_kills() > 0, self.cgroup.memory_peak_bytes(), self.cgroup.cpu_time_ms()
+
     def _teardown(self) -> None:
         self._kill()
 
@@ -217,8 +239,7 @@ class SupervisedSandbox(Sandbox):
         if self._used or self._destroyed:
             raise SandboxError(f"sandbox {self.id} was already used")
         self._used = True
-        if limits.memory_bytes < self.spec.memory_bytes:
-            self._set_memory_limit(limits.memory_bytes)
+        self._limit_memory(limits)
         self._renice(0)
         seen = supervise(
             control_fd=self._fds["control"],
@@ -231,6 +252,7 @@ class SupervisedSandbox(Sandbox):
             kill=self._kill,
             reader=self._reader,
             on_output=on_output,
+            exited_fd=self._exited_fd(),
         )
         exit_code = signal_number = None
         if seen.report is None:
@@ -241,6 +263,7 @@ class SupervisedSandbox(Sandbox):
                 exit_code, signal_number = self._exit_status(5.0)
             if seen.timed_out or seen.output_capped:
                 exit_code = signal_number = None  # we killed it: the verdict says why
+        oom_killed, memory_peak_bytes, cpu_time_ms = self._usage()
         return RunOutcome(
             stdout=seen.stdout,
             stderr=seen.stderr,
@@ -249,10 +272,10 @@ class SupervisedSandbox(Sandbox):
             signal=signal_number,
             timed_out=seen.timed_out,
             output_capped=seen.output_capped,
-            oom_killed=self.cgroup.oom_kills() > 0,
+            oom_killed=oom_killed,
             wall_time_ms=seen.wall_time_ms,
-            memory_peak_bytes=self.cgroup.memory_peak_bytes(),
-            cpu_time_ms=self.cgroup.cpu_time_ms(),
+            memory_peak_bytes=memory_peak_bytes,
+            cpu_time_ms=cpu_time_ms,
         )
 
     def destroy(self) -> None:

@@ -9,6 +9,7 @@ from execbox.runtimes.base import (
     DRIVER_MOUNT,
     EVENTS_FD_ENV,
     RUNTIME_MOUNT,
+    SYSTEM_PYTHON,
     WORKSPACE,
     Runtime,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "EVENTS_FD_ENV",
     "RUNTIMES",
     "RUNTIME_MOUNT",
+    "SYSTEM_PYTHON",
     "WORKSPACE",
     "Runtime",
     "get_runtime",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from execbox.models import Language
 
-__all__ = ["CONTROL_FD_ENV", "DRIVER_MOUNT", "EVENTS_FD_ENV", "RUNTIME_MOUNT", "WORKSPACE", "Runtime"]
+__all__ = ["CONTROL_FD_ENV", "DRIVER_MOUNT", "EVENTS_FD_ENV", "RUNTIME_MOUNT", "SYSTEM_PYTHON", "WORKSPACE", "Runtime"]
 
 CONTROL_FD_ENV = "EXECBOX_CONTROL_FD"
 EVENTS_FD_ENV = "EXECBOX_EVENTS_FD"
@@ -33,6 +33,8 @@ EVENTS_FD_ENV = "EXECBOX_EVENTS_FD"
 RUNTIME_MOUNT = "/opt/runtime"
 DRIVER_MOUNT = "/opt/driver"
 WORKSPACE = "/workspace"
+#: the interpreter of the fork server for runtimes whose driver is exec'd
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,9 @@ class Runtime:
     env: tuple[tuple[str, str], ...] = field(default=())
     #: host paths a sandbox needs read-only besides /usr (e.g. the interpreter if elsewhere)
     extra_ro_paths: tuple[str, ...] = field(default=())
-    #: host path of the runtime's fork server (zygote), if it has one
-    fork_server: Path | None = None
+    #: the fork server imports this driver once and calls it in each sandbox (Python); other
+    #: drivers are exec'd there with their channels at fds 3 and 4
+    driver_in_process: bool = False
 
     @property
     def name(self) -> str:

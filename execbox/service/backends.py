@@ -32,7 +32,15 @@ def build_backend(name: str, settings: Settings) -> IsolationBackend:
         except ImportError as exc:
             raise BackendUnavailableError(f"the gvisor backend is not available in this build: {exc}") from exc
         profile = SECCOMP_PROFILE if settings.enable_seccomp else None
-        return module.GVisorBackend(settings.state_dir, seccomp_profile=profile)  # type: ignore[no-any-return]
+        return module.GVisorBackend(  # type: ignore[no-any-return]
+            settings.state_dir,
+            seccomp_profile=profile,
+            platform=settings.gvisor_platform,
+            executions_per_sandbox=settings.gvisor_executions_per_sandbox,
+            sandbox_lifetime_s=settings.gvisor_sandbox_lifetime,
+            uid_base=settings.uid_base,
+            uid_count=settings.uid_count,
+        )
     raise ConfigurationError(f"SANDBOX_BACKEND={name!r}: unknown backend; use auto, gvisor or namespaces")
 
 

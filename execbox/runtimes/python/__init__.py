@@ -15,7 +15,7 @@ PYTHON = Runtime(
     language=Language.PYTHON,
     driver_path=_HERE / "driver.py",
     packages_file=_HERE / "requirements.txt",
-    fork_server=_HERE / "zygote.py",
+    driver_in_process=True,
     argv_template=("{runtime}/bin/python3", "-I", "-B", "{driver}"),
     env=(
         ("MPLBACKEND", "Agg"),

@@ -27,6 +27,7 @@ from execbox.isolation.oci import (
     prepare_rootfs,
     probe_config,
 )
+from execbox.isolation.rootfs import publish_etc
 from execbox.isolation.seccomp import KILLED_SYSCALLS
 from execbox.runtimes import CONTROL_FD_ENV, EVENTS_FD_ENV, get_runtime
 
@@ -290,9 +291,10 @@ def test_probe_forbids_uname_on_top_of_the_profile() -> None:
 
 
 def test_prepare_rootfs_builds_mount_points_links_and_a_minimal_etc(tmp_path: Path) -> None:
-    rootfs, binds = prepare_rootfs(tmp_path, 65534)
+    etc = publish_etc(tmp_path, 60001, 4)
+    rootfs, binds = prepare_rootfs(tmp_path, etc)
     assert rootfs == tmp_path / "rootfs"
-    for target in ("usr", "etc", "proc", "dev", "tmp", "workspace", "opt/runtime", "opt/driver"):
+    for target in ("usr", "etc", "proc", "dev", "tmp", "workspace", "opt/runtime", "opt/driver", "opt/execbox", "run/export"):
         assert (rootfs / target).is_dir(), target
     for name in ("bin", "lib", "lib64", "sbin"):
         host = Path("/", name)
@@ -301,20 +303,24 @@ def test_prepare_rootfs_builds_mount_points_links_and_a_minimal_etc(tmp_path: Pa
     targets = [b.target for b in binds]
     assert targets[0] == "/usr"
     assert targets.index("/etc") < min((targets.index(t) for t in targets if t.startswith("/etc/")), default=99)
-    etc = tmp_path / "etc"
-    assert "sandbox:x:65534:65534:" in (etc / "passwd").read_text()
-    assert (etc / "group").read_text().endswith("sandbox:x:65534:\n")
+    assert next(b.source for b in binds if b.target == "/etc") == etc
+    passwd = (etc / "passwd").read_text()
+    assert "sandbox0:x:60001:60001:" in passwd and "sandbox3:x:60004:60004:" in passwd
+    assert "nobody:x:65534:65534:" in passwd
+    assert (etc / "group").read_text().endswith("nogroup:x:65534:\n")
     assert not (etc / "shadow").exists()
-    assert not list(etc.glob(".*.tmp"))
-    assert prepare_rootfs(tmp_path, 65534) == (rootfs, binds)  # idempotent, in place
+    assert publish_etc(tmp_path, 60001, 4) == etc  # published once, by content
+    assert prepare_rootfs(tmp_path, etc) == (rootfs, binds)  # idempotent, in place
 
 
 def test_make_mount_points_for_the_driver_and_extra_mounts(tmp_path: Path) -> None:
-    rootfs, _ = prepare_rootfs(tmp_path, 65534)
+    rootfs, _ = prepare_rootfs(tmp_path, publish_etc(tmp_path, 60001, 4))
     source_dir = tmp_path / "data"
     source_dir.mkdir()
-    spec = _spec("nodejs", mounts=(Mount(source_dir, "/data/in"), Mount(tmp_path / "etc" / "hosts", "/srv/hosts")))
+    (source_dir / "hosts").write_text("x")
+    spec = _spec("nodejs", mounts=(Mount(source_dir, "/data/in"), Mount(tmp_path / "data" / "hosts", "/srv/hosts")))
     make_mount_points(rootfs, spec)
     assert (rootfs / "opt" / "driver" / "driver.js").is_file()
+    assert (rootfs / "opt" / "execbox" / "zygote.py").is_file()
     assert (rootfs / "data" / "in").is_dir()
     assert (rootfs / "srv" / "hosts").is_file()

@@ -1,0 +1,589 @@
+"""execbox fork server ("zygote"): the inner sandbox, written once for every launcher.
+
+It never runs user code itself. It runs either on the host as root (the ``namespaces``
+backend's fork-server launcher) or as root *inside* a long-lived gVisor sandbox (the
+``gvisor`` backend's two walls), where root means root of the sentry's kernel only.
+It first forks a small *init factory*, then imports the preloaded modules (numpy,
+pandas, ...) and serves requests on a SOCK_SEQPACKET socket. For each sandbox:
+
+* the factory clones an init straight into fresh PID, mount, network, IPC and UTS
+  namespaces: pid 1 of the sandbox, which reaps orphans until it is killed (its death
+  ends the namespaces and everything in them); it drops to uid 65534;
+* the zygote joins those namespaces with setns and forks the driver-to-be into them (pid 2),
+  then returns to its own. The fork, before any user code exists:
+
+  1. joins its cgroup (on the host: the host created it) and then a fresh cgroup namespace;
+  2. builds its file system from the mount plan (read-only binds, tmpfs workspace, /tmp,
+     /dev/shm, a minimal /dev, its own /proc), pivots into it and remounts the root
+     read-only;
+  3. sets its rlimits, empties its capability bounding set, drops to the sandbox's
+     unprivileged uid/gid (which clears every capability), sets no_new_privs and loads
+     the seccomp filter;
+  4. keeps only its four channel fds (stdin is /dev/null) and becomes the driver: the
+     Python driver, imported once by the zygote, is called in place (``import pandas``
+     in user code then costs nothing); any other runtime's driver is exec'd, with its
+     channels at fds 3 and 4.
+
+The zygote holds no secret: its environment is the sandbox's, its only fds are its
+sockets, its namespaces and (inside gVisor) the channels of the one execution it serves
+at a time. Its process title is a generic name, so a sandbox's ``/proc/1/cmdline``
+shows no host path.
+
+Socket messages (JSON, one per datagram): host -> zygote ``{"op": "init", ...}`` once, then
+
+* ``{"op": "spawn", "id", "uid", "cgroups": [paths], "rlimits": {...}}`` with four fds
+  (control, events, stdout, stderr) on the host; inside gVisor without fds: the
+  channels passed to the sandbox at start (``config["channel"]``) are used;
+* ``{"op": "kill", "id", "init", "pid"}``: SIGKILL the sandbox's init (and so its whole
+  PID namespace); answered ``{"op": "killed", "id", "confirmed": bool}`` once the init is
+  reaped (then no process of that sandbox is left) and, inside gVisor, the control
+  channel drained;
+* ``{"op": "collect", "id", "init"}`` (inside gVisor): copy the regular files directly
+  under the sandbox's ``/workspace/artifacts`` (no symlink followed) into the export
+  directory the host reads; answered ``{"op": "collected", "id", "count"}``;
+
+zygote -> host: ``{"op": "ready"}``, ``{"op": "spawned", "id", "pid", "init"}`` /
+``{"op": "error", "id", "message"}``, and ``{"op": "exit", "pid", "status", "maxrss_kb",
+"cpu_ms"}`` (the driver's raw wait status and usage) whenever a driver ends.
+"""
+
+import base64
+import ctypes
+import errno
+import gc
+import importlib.util
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import stat
+import sys
+import time
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 24, 38, 22, 2
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+_RLIMITS = {"nproc": resource.RLIMIT_NPROC, "core": resource.RLIMIT_CORE,
+            "fsize": resource.RLIMIT_FSIZE, "nofile": resource.RLIMIT_NOFILE}
+_ARTIFACTS = "/workspace/artifacts"
+#: pid 1 of an inner sandbox inside gVisor: a tiny reaper, as uid 65534, named sandbox-init
+INIT_ARGV = ("/usr/bin/perl", "-e",
+             '$0 = "sandbox-init"; $( = $) = "65534 65534"; $< = $> = 65534; while (1) { sleep 1 if wait() == -1 }')
+_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: syscall numbers, given by the host from libseccomp (never hard-coded for one architecture)
+SYSCALLS = {}
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _check(result, what):
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def _set_title(title):
+    """Overwrite this process's argv area, so that /proc/<pid>/cmdline shows ``title`` only
+    (the technique of setproctitle, without its C extension: the zygote is stdlib only)."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+        data = title.encode()[: end - start - 1]
+        ctypes.memmove(start, data + b"\0" * (end - start - len(data)), end - start)
+    except (OSError, ValueError, IndexError):
+        pass  # cosmetic only
+
+
+def _mount(source, target, fstype, flags, data=None):
+    enc = lambda v: v.encode() if isinstance(v, str) else v  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def _ro_bind(source, target, writable=False):
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "a").close()
+    _mount(source, target, None, MS_BIND | MS_REC)
+    if not writable:
+        _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _build_root(root, plan, uid):
+    """Build the sandbox's file system under ``root`` from the mount plan, then pivot."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for op, a, b in plan:
+        target = root + (b if op in ("ro-bind", "bind", "symlink") else a)
+        if op == "symlink":
+            os.symlink(a, target)
+        elif op in ("ro-bind", "bind"):
+            _ro_bind(a, target, writable=op == "bind")
+        elif op == "tmpfs":
+            os.makedirs(target, exist_ok=True)
+            _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={b},mode=0700")
+            os.chown(target, uid, uid)
+        elif op == "proc":
+            os.makedirs(target, exist_ok=True)
+            _mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        elif op == "dev":
+            os.makedirs(target, exist_ok=True)
+            _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
+            for name in _DEVICES:
+                if os.path.exists(f"/dev/{name}"):
+                    open(f"{target}/{name}", "a").close()
+                    _mount(f"/dev/{name}", f"{target}/{name}", None, MS_BIND)
+            for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                               ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+                os.symlink(link, f"{target}/{name}")
+    os.chdir(root)
+    _check(_libc.syscall(SYSCALLS["pivot_root"], b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/")
+    _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _move_fds(fds, first):
+    """dup ``fds`` to ``first``, ``first + 1``, ... (safe when the numbers overlap)."""
+    high = [os.dup(fd) for fd in fds]
+    for index, fd in enumerate(high):
+        os.dup2(fd, first + index, inheritable=True)
+        os.close(fd)
+    return list(range(first, first + len(fds)))
+
+
+def _child(config, request, fds, driver):
+    """In the forked child (pid 2 of the sandbox's namespaces): isolate, then become the driver."""
+    for path in request["cgroups"]:
+        with open(path, "w") as fh:
+            fh.write("0")
+    if request["cgroups"]:
+        _check(_libc.unshare(CLONE_NEWCGROUP), "unshare cgroup namespace")
+    uid = request["uid"]
+    _build_root(config["root"], config["plan"], uid)
+    _check(_libc.sethostname(b"sandbox", 7), "sethostname")
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fds[2], 1)
+    os.dup2(fds[3], 2)
+    control, events = _move_fds(fds[:2], 3)
+    os.closerange(5, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    for name, value in request["rlimits"].items():
+        resource.setrlimit(_RLIMITS[name], (value, value))
+    for cap in range(64):  # empty the bounding set too: nothing can ever regain a capability
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 and ctypes.get_errno() == errno.EINVAL:
+            break
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)  # from root to a plain uid: every capability is dropped
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    bpf = config["filter"]
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
+    os.chdir("/workspace")
+    if config.get("exec"):
+        os.execve(config["exec"][0], config["exec"], config["env"])
+    sys.stdin = open(0, "r", closefd=False)
+    sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    os.environ.clear()
+    os.environ.update(config["env"])
+    driver.serve(control, events)
+
+
+def _clone(flags):
+    """fork(2) with namespace flags (raw clone: Python has no API for it)."""
+    pid = _libc.syscall(SYSCALLS["clone"], flags | signal.SIGCHLD, 0, 0, 0, 0)
+    if pid < 0:
+        raise OSError(ctypes.get_errno(), "clone failed")
+    return pid
+
+
+def _init_process():
+    """pid 1 of one sandbox: reaps orphans until it is killed (which ends the namespaces)."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing the sandbox mounts reaches the host
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")  # after setuid
+    while True:
+        signal.sigwaitinfo({signal.SIGCHLD})
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+
+
+def _reaped():
+    """(pid, raw status, rusage) of every child that has ended, without blocking."""
+    while True:
+        try:
+            pid, status, usage = os.wait3(os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status, usage
+
+
+def _kill_all(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _reap_within(pid, timeout_s):
+    """SIGKILL ``pid`` (a child of this process) and reap it; whether that happened in time."""
+    _kill_all([pid])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+
+
+def _init_factory(sock, flags):
+    """A small process (forked before the preload) that clones one init per sandbox and,
+    asked to, kills one and reaps it: once an init is reaped, its PID namespace is empty."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")
+    inits = set()
+    while True:
+        request = sock.recv(64)
+        inits.difference_update(pid for pid, _, _ in _reaped())  # the inits of destroyed sandboxes
+        if not request:
+            _kill_all(inits)
+            os._exit(0)
+        if request.startswith(b"kill "):
+            pid = int(request.split()[1])
+            confirmed = pid not in inits or _reap_within(pid, 5.0)
+            inits.discard(pid)
+            sock.send(json.dumps({"confirmed": confirmed}).encode())
+            continue
+        try:
+            pid = _clone(flags)
+        except OSError as exc:
+            sock.send(json.dumps({"error": str(exc)}).encode())
+            continue
+        if pid == 0:
+            try:
+                sock.close()
+                _init_process()
+            finally:
+                os._exit(1)
+        inits.add(pid)
+        sock.send(json.dumps({"init": pid}).encode())
+
+
+def _setns(fd, what):
+    _check(_libc.setns(fd, 0), f"setns {what}")
+
+
+def _spawn(config, request, fds, factory, own_ns, driver):
+    """An init in fresh namespaces (from the factory), then the driver forked into them."""
+    factory.send(b"spawn")
+    reply = json.loads(factory.recv(256))
+    if "init" not in reply:
+        raise OSError(f"init factory: {reply.get('error')}")
+    init_pid = reply["init"]
+    targets = [(os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC), ns) for ns in own_ns]
+    try:
+        for fd, ns in targets:
+            _setns(fd, ns)  # pid: for the next child only; the others: this process, until restored
+        pid = os.fork()
+        if pid == 0:
+            code = 125
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _child(config, request, fds, driver)
+                code = 0
+            except BaseException as exc:  # never return into the zygote's loop
+                try:
+                    os.write(fds[3], f"execbox: sandbox setup failed: {exc}\n".encode())
+                except OSError:
+                    pass
+            finally:
+                os._exit(code)
+    finally:
+        for fd, _ in targets:
+            os.close(fd)
+        for ns, fd in own_ns.items():
+            _setns(fd, ns)
+    return pid, init_pid
+
+
+def _kill(request, factory):
+    """End one sandbox: its init dies, so does every process of its PID namespace."""
+    _kill_all([request["pid"]])
+    factory.send(f"kill {int(request['init'])}".encode())
+    return bool(json.loads(factory.recv(256)).get("confirmed"))
+
+
+def _spawn_guest(config, request, fds, driver):
+    """Inside gVisor, which has no setns(2) for PID namespaces: a fresh PID namespace for this
+    process's next children (unshare), the init spawned into it first (pid 1; a vfork-style
+    spawn of a tiny program, so the big zygote is not copied), then the driver forked into
+    it (pid 2), which unshares the other namespaces itself."""
+    _check(_libc.unshare(CLONE_NEWPID), "unshare pid namespace")
+    init_pid = os.posix_spawn(INIT_ARGV[0], INIT_ARGV, {})
+    pid = os.fork()
+    if pid == 0:
+        code = 125
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET), "unshare namespaces")
+            _child(config, request, fds, driver)
+            code = 0
+        except BaseException as exc:  # never return into the zygote's loop
+            try:
+                os.write(fds[3], f"execbox: sandbox setup failed: {exc}\n".encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    return pid, init_pid
+
+
+def _uid_left(uid):
+    """Whether any process of ``uid`` is still alive (zombies included)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as fh:
+                for line in fh:
+                    if line.startswith("Uid:"):
+                        if int(line.split()[1]) == uid:
+                            return True
+                        break
+        except OSError:
+            continue
+    return False
+
+
+def _kill_guest(config, request, sock, children):
+    """End one inner sandbox inside gVisor: SIGKILL its init and driver, reap both (reporting
+    the driver's exit), wait until no process of its uid is left, drain its control channel
+    (the next sandbox reads the same one). True when all of that was confirmed."""
+    pids = [int(request["pid"]), int(request["init"])]
+    _kill_all(pids)
+    deadline = time.monotonic() + 5.0
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                done, status, usage = os.wait4(pid, os.WNOHANG)
+            except ChildProcessError:
+                break  # reaped (and reported) by the main loop already
+            if done == pid:
+                children.discard(pid)
+                if pid == pids[0]:
+                    _report(sock, pid, status, usage)
+                break
+            time.sleep(0.001)
+    confirmed = True
+    while _uid_left(int(request["uid"])):
+        if time.monotonic() >= deadline:
+            confirmed = False
+            break
+        time.sleep(0.002)
+    control = config["channel"][0]
+    os.set_blocking(control, False)  # the file description is shared with the next driver:
+    try:  # blocking again before it is spawned
+        while os.read(control, 1 << 16):
+            pass
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(control, True)
+    return confirmed
+
+
+def _copy_artifacts(pid, export_dir, own_mnt):
+    """Enter the sandbox's mount namespace (``pid``: its driver) and copy the regular files
+    directly under its artifacts directory into ``export_dir`` (an fd opened beforehand),
+    never following a symlink; the host applies its own rules to what it finds there."""
+    for name in os.listdir(export_dir):
+        os.unlink(name, dir_fd=export_dir)
+    target = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target, "mnt")
+        count = 0
+        try:
+            source = os.open(_ARTIFACTS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return 0
+        try:
+            for name in sorted(os.listdir(source)):
+                try:
+                    fd = os.open(name, _NOFOLLOW, dir_fd=source)
+                except OSError:
+                    continue
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        continue
+                    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=export_dir)
+                    try:
+                        while chunk := os.read(fd, 1 << 20):
+                            os.write(out, chunk)
+                    finally:
+                        os.close(out)
+                    count += 1
+                except OSError:  # the export tmpfs is full: the host keeps what fitted
+                    break
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(source)
+        return count
+    finally:
+        os.close(target)
+        _setns(own_mnt, "mnt")
+
+
+def _report(sock, pid, status, usage):
+    cpu_ms = (usage.ru_utime + usage.ru_stime) * 1000.0
+    _send(sock, {"op": "exit", "pid": pid, "status": status, "maxrss_kb": usage.ru_maxrss, "cpu_ms": cpu_ms})
+
+
+def _send(sock, message):
+    sock.send(json.dumps(message).encode())
+
+
+def _load_driver(path):
+    """The Python driver, imported once (its module object serves every fork)."""
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("driver", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")
+    sock = socket.socket(fileno=int(os.environ.pop("EXECBOX_ZYGOTE_FD")))
+    children = set()
+    config = json.loads(sock.recv(1 << 22))
+    _set_title(config.get("title") or "sandbox-init")
+    config["filter"] = base64.b64decode(config["filter"])
+    SYSCALLS.update(config["syscalls"])
+    if config.get("export"):
+        config["export_fd"] = os.open(config["export"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    driver = _load_driver(config.get("driver"))
+    os.environ.clear()
+    os.environ.update(config["env"])
+    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (0 if config["network"] else CLONE_NEWNET)
+    namespaces = ["pid", "mnt", "ipc", "uts"] + ([] if config["network"] else ["net"])
+    own_ns = {ns: os.open(f"/proc/self/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in namespaces}
+    os.nice(config.get("nice", 0))  # clones and their set-up yield to running programs
+    guest = bool(config.get("channel"))
+    factory = None
+    if guest:
+        for fd in config["channel"]:
+            os.set_inheritable(fd, False)  # only the driver gets them (dup'd), never an init
+    else:
+        factory, factory_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if os.fork() == 0:  # before the preload: each init is a clone of a small process
+            try:
+                sock.close()
+                factory.close()
+                _init_factory(factory_end, flags)
+            finally:
+                os._exit(1)
+        factory_end.close()
+    if driver is not None:
+        os.environ["EXECBOX_PRELOAD"] = config.get("preload", "")
+        # matplotlib, if preloaded, reads the font cache prepared by `execbox build` (never the host's /tmp)
+        if os.environ.get("EXECBOX_MPL_CACHE"):
+            os.environ["MPLCONFIGDIR"] = os.environ["EXECBOX_MPL_CACHE"]
+        driver.preload()
+        gc.collect()
+        gc.freeze()  # preloaded objects stay out of the children's collections: fewer copy-on-write faults
+        os.environ.clear()
+        os.environ.update(config["env"])
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    _send(sock, {"op": "ready"})
+    while True:
+        try:
+            readable, _, _ = select.select([sock, wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in readable:
+            while True:
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    break
+            for pid, status, usage in _reaped():
+                children.discard(pid)
+                _report(sock, pid, status, usage)
+        if sock in readable:
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            if not data:  # the service went away: so do the sandboxes
+                _kill_all(children)
+                return
+            request = {}
+            try:
+                request = json.loads(data)
+                op = request["op"]
+                if op == "spawn":
+                    channel = fds or config.get("channel") or []
+                    if len(channel) != 4:
+                        raise OSError("spawn needs four channel fds")
+                    if guest:
+                        pid, init_pid = _spawn_guest(config, request, channel, driver)
+                    else:
+                        pid, init_pid = _spawn(config, request, channel, factory, own_ns, driver)
+                    children.add(pid)
+                    _send(sock, {"op": "spawned", "id": request["id"], "pid": pid, "init": init_pid})
+                elif op == "kill":
+                    confirmed = _kill_guest(config, request, sock, children) if guest else _kill(request, factory)
+                    _send(sock, {"op": "killed", "id": request["id"], "confirmed": confirmed})
+                elif op == "collect":
+                    count = _copy_artifacts(int(request["pid"]), config["export_fd"], own_ns["mnt"])
+                    _send(sock, {"op": "collected", "id": request["id"], "count": count})
+                else:
+                    raise OSError(f"unknown op {op!r}")
+            except Exception as exc:
+                _send(sock, {"op": "error", "id": str(request.get("id", "")), "message": str(exc)})
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+
+if __name__ == "__main__":
+    main()
