@@ -93,7 +93,12 @@ class BackendChoice(StrEnum):
 
 
 class CodeCheckMode(StrEnum):
+    """Static inspection before a run (docs/code-check.md): ``block`` RAGFlow's rules,
+    ``guard`` only processes, native code, dynamic code and interpreter internals (both
+    reject with -999), ``warn`` logs what ``block`` would reject, ``off`` skips it."""
+
     BLOCK = "block"
+    GUARD = "guard"
     WARN = "warn"
     OFF = "off"
 
