@@ -23,6 +23,9 @@ false positives, and closes the ways around it:
   :data:`~execbox.policy.python_scope.REACH_NAMES` (``pathlib.os``, ``shutil.os``,
   ``tempfile._os``, ``x.posix``, ``x.subprocess``) or ``from pathlib import os``.
   Rule ``module-chain``.
+* **Source given as a string** to ``timeit.timeit``/``repeat``/``Timer`` or
+  ``cProfile.run``/``runctx``: a literal is inspected with these rules, anything else is
+  rejected (rule ``dynamic-code``).
 * **Attribute or module names given as strings** to ``operator.attrgetter``,
   ``operator.methodcaller``, ``pkgutil.resolve_name`` or ``pydoc.locate``: computed
   names are rejected (rule ``computed-name``), literal ones are checked like the
@@ -50,7 +53,7 @@ from __future__ import annotations
 import ast
 
 from execbox.policy.findings import Finding, collect_findings
-from execbox.policy.python_guard import guard_hits, guard_path_rule
+from execbox.policy.python_guard import SOURCE_FUNCTIONS, check_source_function, guard_hits, guard_path_rule
 from execbox.policy.python_scope import REACH_NAMES, Scope, literal_text
 from execbox.settings import CodeCheckMode
 
@@ -152,10 +155,17 @@ def python_hits(code: str, mode: CodeCheckMode, depth: int) -> list[_Hit]:
         return [(1, 0, TOO_DEEP_MESSAGE, "too-deep")]
     scope = Scope(tree)
     hits = _shared_hits(scope, mode)
+
+    def reinspect(source: str, level: int) -> list[_Hit]:
+        return python_hits(source, mode, level)
+
     if mode is CodeCheckMode.GUARD:
-        hits.extend(guard_hits(scope, depth, reinspect=lambda source, level: python_hits(source, mode, level)))
+        hits.extend(guard_hits(scope, depth, reinspect))
     else:
         hits.extend(_block_hits(scope))
+        for node in scope.nodes:  # timeit.timeit("..."): block's import rules on the string
+            if isinstance(node, ast.Call) and (path := scope.resolve(node.func)) in SOURCE_FUNCTIONS:
+                hits.extend(check_source_function(scope, node, path, depth, reinspect))
     return hits
 
 
@@ -189,13 +199,14 @@ def _check_string_names(scope: Scope, node: ast.Call, mode: CodeCheckMode) -> li
         return [(*where, f"'{name}' with a computed name is not allowed", "computed-name")]
     hits: list[_Hit] = []
     for text in texts:
-        parts = text.replace(":", ".").split(".")
-        reached = [p for p in parts if p in REACH_NAMES or p in BLOCKED_ATTRIBUTES]
-        if kind == "path" and mode is not CodeCheckMode.GUARD and _blocked_module(text.split(":")[0]):
-            reached.append(text)
-        if kind == "path" and mode is CodeCheckMode.GUARD:
-            if guard_path_rule(".".join(parts)):
-                reached.append(text)
+        assert text is not None
+        dotted = text.replace(":", ".")
+        if kind == "attr":  # the object is unknown: any step to a sensitive module counts
+            reached = any(p in REACH_NAMES or p in BLOCKED_ATTRIBUTES for p in dotted.split("."))
+        elif mode is CodeCheckMode.GUARD:
+            reached = guard_path_rule(dotted) is not None
+        else:
+            reached = _blocked_module(dotted) or any(p in REACH_NAMES for p in dotted.split("."))
         if reached:
             hits.append((*where, f"'{name}' of '{text}' is not allowed", "module-chain"))
     return hits

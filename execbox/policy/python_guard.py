@@ -38,7 +38,14 @@ from collections.abc import Callable
 
 from execbox.policy.python_scope import REACH_NAMES, Scope, canonical, literal_text
 
-__all__ = ["GUARD_ATTRIBUTES", "GUARD_PATHS", "guard_hits", "guard_path_rule"]
+__all__ = [
+    "GUARD_ATTRIBUTES",
+    "GUARD_PATHS",
+    "SOURCE_FUNCTIONS",
+    "check_source_function",
+    "guard_hits",
+    "guard_path_rule",
+]
 
 #: Dotted paths (a module, or a member; ``*`` ends a name prefix) and the rule that
 #: rejects them and everything under them.
@@ -66,7 +73,6 @@ GUARD_PATHS: dict[str, str] = {
         (
             "code", "codeop", "runpy", "pdb", "_pickle", "pickle.load", "pickle.loads",
             "pickle.Unpickler", "marshal.load", "marshal.loads", "types.CodeType",
-            "cProfile.run*", "profile.run*",
         ),
         "dynamic-code",
     ),
@@ -108,6 +114,13 @@ _CODE_BUILTINS = frozenset({"eval", "exec", "compile"})
 _ATTR_BUILTINS = frozenset({"getattr", "setattr", "delattr"})
 _NAMESPACE_BUILTINS = frozenset({"globals", "locals", "vars", "breakpoint"})
 _IMPORT_PATHS = frozenset({"importlib.import_module", "importlib.__import__"})
+#: functions that run a string argument as Python source: (positions, keyword names)
+SOURCE_FUNCTIONS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "timeit.timeit": (2, ("stmt", "setup")), "timeit.repeat": (2, ("stmt", "setup")),
+    "timeit.Timer": (2, ("stmt", "setup")), "cProfile.run": (1, ("statement",)),
+    "cProfile.runctx": (1, ("statement",)), "profile.run": (1, ("statement",)),
+    "profile.runctx": (1, ("statement",)),
+}  # fmt: skip
 _SENSITIVE_MODULES = frozenset(REACH_NAMES.values())
 #: how many literal sources inside literal sources (exec("exec('...')")) are inspected
 _MAX_NESTING = 3
@@ -201,6 +214,9 @@ def _check_name(scope: Scope, node: ast.Name) -> list[_Hit]:
             hits.append((node.lineno, node.col_offset, f"Use of '{name}' is not allowed", "internals"))
     if node.id in scope.aliases and _is_chain_end(scope, node):
         hits.extend(_check_reached(scope, node))
+    elif node.id not in scope.bound and node.id not in scope.aliases:
+        for module in scope.star_modules:  # from os import *; system('id')
+            hits.extend(_path_hit(node, f"{module}.{node.id}", "Use"))
     return hits
 
 
@@ -255,11 +271,53 @@ def _check_call(scope: Scope, node: ast.Call, depth: int, reinspect: Reinspect) 
             return _check_reached(scope, node) if _is_chain_end(scope, node) else []
         base = scope.resolve(node.args[0])
         return _path_hit(node, f"{base}.{attr}", "Use") if base else []
+    if path in SOURCE_FUNCTIONS:
+        return check_source_function(scope, node, path, depth, reinspect)
     if name in ("globals", "locals", "breakpoint") or (name == "vars" and not node.args):
         return [(*where, f"Call of '{name}' is not allowed", "internals")]
     if name == "vars" and not scope.is_own_object(node.args[0]):
         return [(*where, "Call of 'vars' on a module or class is not allowed", "internals")]
     return []
+
+
+def check_source_function(scope: Scope, node: ast.Call, path: str, depth: int, reinspect: Reinspect) -> list[_Hit]:
+    """``timeit.timeit(stmt)``, ``cProfile.run(statement)``: a string argument is source.
+
+    A literal is inspected like ``exec``'s, a lambda or a ``def``'d function is called,
+    anything else may be a computed string and is rejected. Used by block too."""
+    positions, keywords = SOURCE_FUNCTIONS[path]
+    label = path
+    statements = list(node.args[:positions]) + [kw.value for kw in node.keywords if kw.arg in keywords]
+    hits: list[_Hit] = []
+    for statement in statements:
+        source = literal_text(statement)
+        if source is not None:
+            fake = ast.copy_location(ast.Call(func=ast.Name("exec"), args=[statement], keywords=[]), node)
+            hits.extend(_check_source(scope, fake, label, depth, reinspect))
+        elif not isinstance(statement, ast.Lambda) and not (
+            isinstance(statement, ast.Name) and _is_only_a_function(scope, statement.id)
+        ):
+            hits.append((node.lineno, node.col_offset, f"'{label}' of a computed string is not allowed", "dynamic-code"))
+    return hits
+
+
+def _is_only_a_function(scope: Scope, name: str) -> bool:
+    """Whether every binding of ``name`` in the program is a ``def`` (or ``name = lambda``)."""
+    found = False
+    for node in scope.nodes:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            found = True
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            if not isinstance(node.value, ast.Lambda):
+                return False
+            found = True
+        elif isinstance(node, ast.Name) and node.id == name and not isinstance(node.ctx, ast.Load):
+            parent = scope.parent(node)
+            if not (isinstance(parent, ast.Assign) and isinstance(parent.value, ast.Lambda)):
+                return False
+        elif isinstance(node, ast.arg) and node.arg == name or isinstance(node, ast.alias) and (node.asname or node.name) == name:
+            return False
+    return found
 
 
 def _check_source(scope: Scope, node: ast.Call, name: str, depth: int, reinspect: Reinspect) -> list[_Hit]:

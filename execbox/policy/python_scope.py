@@ -71,6 +71,8 @@ class Scope:
         self.aliases: dict[str, str] = {}
         #: names bound by ``import x`` (certainly a module)
         self.module_names: set[str] = set()
+        #: modules imported with ``from m import *``: their public names are unbound names
+        self.star_modules: list[str] = []
         self._collect_imports()
         self._collect_assigned_aliases()
 
@@ -89,7 +91,9 @@ class Scope:
                         self.module_names.add(top)
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 for alias in node.names:
-                    if alias.name != "*":
+                    if alias.name == "*":
+                        self.star_modules.append(canonical(node.module))
+                    else:
                         self.aliases[alias.asname or alias.name] = canonical(f"{node.module}.{alias.name}")
 
     def _collect_assigned_aliases(self) -> None:
@@ -135,7 +139,9 @@ class Scope:
         """The canonical dotted path ``node`` reaches, or None when it is not a module path."""
         parts: list[str] = []
         while True:
-            if isinstance(node, ast.Attribute):
+            if isinstance(node, ast.NamedExpr):  # (m := pathlib.os).system
+                node = node.value
+            elif isinstance(node, ast.Attribute):
                 parts.append(node.attr)
                 node = node.value
             elif isinstance(node, ast.Call) and self._literal_getattr(node):

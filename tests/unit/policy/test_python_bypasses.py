@@ -55,6 +55,11 @@ BYPASSES = {
     "attrgetter_computed": "import operator\noperator.attrgetter('o' + 's')\n",
     "resolve_name_literal": "import pkgutil\npkgutil.resolve_name('os:system')('id')\n",
     "resolve_name_computed": "import pkgutil\npkgutil.resolve_name(name)\n",
+    "star_import": "from os import *\nsystem('id')\n",
+    "walrus_chain": "import pathlib\n(m := pathlib.os).system('id')\n",
+    "timeit_literal_source": "import timeit\ntimeit.timeit(\"__import__('os').system('id')\", number=1)\n",
+    "timeit_computed_source": "import timeit\ndef g(s):\n    return timeit.timeit(s)\n",
+    "cprofile_literal_source": "import cProfile\ncProfile.run('import subprocess')\n",
 }
 
 
@@ -90,6 +95,10 @@ def test_pathlib_os_popen_is_reported_at_its_line(mode: CodeCheckMode) -> None:
         ("frame_walk", "internals"),
         ("chain_assigned_to_a_name", "process"),
         ("tempfile_private_os", "process"),
+        ("star_import", "process"),
+        ("walrus_chain", "process"),
+        ("timeit_literal_source", "process"),
+        ("timeit_computed_source", "dynamic-code"),
     ],
 )
 def test_guard_names_the_rule(case: str, rule: str) -> None:

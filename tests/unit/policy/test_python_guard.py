@@ -56,6 +56,9 @@ EVERYDAY = {
     "re_compile": "import re\np = re.compile(r'\\d+')\n",
     "pickle_dumps": "import pickle\nb = pickle.dumps({'a': 1})\n",
     "sockets_left_to_isolation": "import socket\nsocket.gethostname()\n",
+    "star_import_of_harmless_names": "from os import *\nmakedirs('a', exist_ok=True)\nprint(getcwd())\n",
+    "timeit_of_a_function": "import timeit\ndef f():\n    return sum(range(9))\ntimeit.timeit(f, number=3)\n",
+    "timeit_of_a_lambda_and_a_literal": "import timeit\ntimeit.timeit(lambda: 1)\ntimeit.timeit('x = 1')\n",
     "functions_passed_around": "import json\nfrom json import dumps\nprint(list(map(dumps, [1])), json.dumps)\n",
 }
 
