@@ -21,13 +21,17 @@ Both modes reject:
   ``process.dlopen``, ``process.mainModule``, ...), also destructured
   (``const {binding} = process``), a computed member (``process[k]``) and ``process``
   passed around as a value; a computed member of the global object (``globalThis[k]``).
-* **The Function constructor reached through ``constructor``**
-  (``(() => {}).constructor('code')``, ``x.constructor.constructor``) and the module
+* **The Function constructor reached through ``constructor``**: a function's
+  ``.constructor`` other than a member of it (``x.constructor.name``) or a comparison
+  (``x.constructor === A``), as in ``(() => {}).constructor('code')`` or
+  ``const AF = ....constructor``, and ``{ constructor: F }`` destructuring; and the module
   loader's internals (``module.constructor``, ``._load``, ``._compile``).
 
-``block`` also rejects every ``eval`` and every call of ``Function`` / ``new Function``
-(rule ``builtin``). ``guard`` rejects them only with a computed argument or used as a
-value (rule ``dynamic-code``); a string literal given to them is inspected itself.
+``block`` also rejects every ``eval`` and every use of ``Function`` but
+``instanceof Function``, ``typeof Function`` and its members (``Function.prototype``)
+(rule ``builtin``). ``guard`` rejects them only with a computed argument, used as a
+value, through ``.call``/``.apply``/``.bind`` or as a template tag (rule
+``dynamic-code``); a string literal given to them is inspected itself.
 
 Words are matched as whole identifiers: ``myeval(``, ``evaluate(``, ``isFunction(``,
 ``AsyncFunctionRunner(`` and ``$eval`` are not flagged. This is a first line of defence,
@@ -89,7 +93,10 @@ _GLOBAL_OBJECTS = frozenset({"globalThis", "global", "window", "self"})
 _LOADER_INTERNALS = {"_load": "internals", "_compile": "dynamic-code", "_resolveFilename": "internals"}
 _LITERALS = frozenset({"string", "template"})
 #: tokens after which a name is used as a value (an argument, an initialiser, ...)
-_VALUE_CONTEXT = frozenset({"=", "(", ",", ":", "?", "||", "&&", "??", "[", "=>", "return"})
+_VALUE_CONTEXT = frozenset({"=", "(", ",", ":", "?", "||", "&&", "??", "[", "{", "...", "=>", "return"})
+_TEMPLATES = frozenset({"template", "template-part"})
+#: what may follow ``x.constructor`` harmlessly: a comparison (``x.constructor === A``)
+_CONSTRUCTOR_COMPARISONS = frozenset({"===", "==", "!==", "!="})
 _CALL_FORWARDERS = frozenset({"call", "apply", "bind"})
 _MAX_NESTING = 3
 
@@ -133,6 +140,19 @@ class _Inspector:
         if self.is_punct(index + 1, ".", "?.") and self.is_name(index + 2):
             return self.tokens[index + 2].value
         return None
+
+    def call_after(self, index: int) -> int | None:
+        """The index of the ``(`` calling token ``index`` (``f(``, ``f?.(``), or None."""
+        if self.is_punct(index + 1, "("):
+            return index + 1
+        if self.is_punct(index + 1, "?.") and self.is_punct(index + 2, "("):
+            return index + 2
+        return None
+
+    def tagged_after(self, index: int) -> bool:
+        """Whether token ``index`` is the tag of a tagged template (``f`...```)."""
+        following = self.at(index + 1)
+        return following is not None and following.kind in _TEMPLATES
 
     def computed_member_after(self, index: int) -> bool:
         return self.is_punct(index + 1, "[") or (self.is_punct(index + 1, "?.") and self.is_punct(index + 2, "["))
@@ -186,6 +206,8 @@ class _Inspector:
                 self.hit(token, f"Computed access to '{token.value}' is not allowed", "computed-name")
             elif token.value == "constructor" and self.is_punct(index - 1, ".", "?."):
                 self._check_constructor(index)
+            elif token.value == "constructor":
+                self._check_destructured_constructor(index)
             elif token.value in _LOADER_INTERNALS and self.is_punct(index - 1, ".", "?."):
                 self.hit(token, f"Access to '{token.value}' is not allowed", _LOADER_INTERNALS[token.value])
         return self.hits
@@ -213,8 +235,11 @@ class _Inspector:
 
     def _check_loader(self, index: int) -> None:
         token = self.tokens[index]
-        arguments = self.arguments(index + 1)
-        if arguments is not None:
+        call = self.call_after(index)
+        arguments = self.arguments(call) if call is not None else None
+        if self.tagged_after(index):
+            self.hit(token, f"{token.value}`...` with a template is not allowed", "computed-name")
+        elif arguments is not None:
             spec = self.literal(arguments[0]) if len(arguments) >= 1 else None
             if token.value == "import" and self.is_punct(index - 1, "."):
                 return
@@ -238,7 +263,8 @@ class _Inspector:
         if not self.guard:
             self.hit(token, "Use of 'eval' is not allowed", "builtin")
             return
-        arguments = self.arguments(index + 1)
+        call = self.call_after(index)
+        arguments = self.arguments(call) if call is not None else None
         if arguments is None:
             self.hit(token, "Use of 'eval' as a value is not allowed", "dynamic-code")
         elif arguments:
@@ -246,18 +272,18 @@ class _Inspector:
 
     def _check_function(self, index: int) -> None:
         token = self.tokens[index]
-        called = self.is_punct(index + 1, "(")
-        constructed = self.is_name(index - 1, "new")
-        as_value = self._used_as_value(index) and not self.member_after(index)
-        if not (called or constructed or as_value):
-            return  # Function.prototype, x instanceof Function
+        member = self.member_after(index)
+        if self.is_name(index - 1, "instanceof", "typeof") or (member and member not in _CALL_FORWARDERS):
+            return  # x instanceof Function, Function.prototype, Function.name
+        call = self.call_after(index)
         if not self.guard:
             self.hit(token, "Use of 'Function' is not allowed", "builtin")
-        elif not called:
-            if not constructed:
-                self.hit(token, "Use of 'Function' as a value is not allowed", "dynamic-code")
-        else:
-            self._check_sources(token, "Function", self.arguments(index + 1) or [])
+        elif member or self.tagged_after(index):  # Function.call(null, src), Function`src`
+            self.hit(token, f"Use of 'Function' through {member or 'a template'} is not allowed", "dynamic-code")
+        elif call is not None:
+            self._check_sources(token, "Function", self.arguments(call) or [])
+        elif not self.is_name(index - 1, "new"):  # new Function; alone makes an empty function
+            self.hit(token, "Use of 'Function' as a value is not allowed", "dynamic-code")
 
     def _check_sources(self, token: Token, name: str, arguments: list[list[Token]]) -> None:
         sources = [self.literal(argument) for argument in arguments]
@@ -298,11 +324,24 @@ class _Inspector:
         return []
 
     def _check_constructor(self, index: int) -> None:
+        """``f.constructor`` of a function is the Function constructor in disguise:
+        only ``x.constructor.name`` (a member) and comparisons pass."""
         token = self.tokens[index]
+        member = self.member_after(index)
+        following = self.at(index + 1)
         if self.is_name(index - 2, "module"):
             self.hit(token, "Access to 'module.constructor' is not allowed", "internals")
-        elif self.is_punct(index + 1, "(") or self.member_after(index) == "constructor":
-            self.hit(token, "Call of a function's 'constructor' is not allowed", "dynamic-code")
+        elif member and member not in _CALL_FORWARDERS and member != "constructor":
+            return
+        elif following is not None and following.kind == "punct" and following.value in _CONSTRUCTOR_COMPARISONS:
+            return
+        else:
+            self.hit(token, "Use of a function's 'constructor' is not allowed", "dynamic-code")
+
+    def _check_destructured_constructor(self, index: int) -> None:
+        """``const { constructor: F } = fn`` takes the Function constructor by name."""
+        if self.is_punct(index - 1, "{", ",") and self.is_punct(index + 1, ":", ",", "}"):
+            self.hit(self.tokens[index], "Use of a function's 'constructor' is not allowed", "dynamic-code")
 
 
 def _members_by_literal_key(tokens: list[Token]) -> list[Token]:

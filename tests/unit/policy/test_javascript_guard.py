@@ -55,6 +55,14 @@ BYPASSES = {
     "native_addon": "require('./build/addon.node')",
     "regex_hiding_a_quote": "if (x) /'/.test(s); require('child_process') //'",
     "block_brace_then_regex": "if (x) { y() } /'/.test(s); require('child_process') //'",
+    "function_call_forwarded": "Function.call(null, 'return process')()",
+    "function_tagged_template": "Function`return process`()",
+    "function_destructured": "const { Function: F } = globalThis; F(src)()",
+    "require_tagged_template": "require`child_process`",
+    "optional_call_eval": "eval?.(src)",
+    "constructor_kept_for_later": "const AF = Object.getPrototypeOf(async function () {}).constructor;\nnew AF(src)",
+    "constructor_destructured": "const { constructor: F } = () => {};\nF(src)()",
+    "process_in_object_shorthand": "const o = { process };\no.process.binding('fs')",
 }
 
 
@@ -110,6 +118,10 @@ EVERYDAY = {
     "require_resolve_and_main": "if (require.main === module) { require.resolve('lodash'); }",
     "division_after_paren": "const r = (a + b) / 2 / c;",
     "division_after_object": "const o = { a: 1 } / 2;",
+    "constructor_compared": "if (a.constructor === Object) { a.constructor.name; }",
+    "function_prototype_call": "Function.prototype.toString.call(f);",
+    "own_function_named_process": "function process(items) { return items; }\nprocess([1]);\njob.process(data);",
+    "optional_call_of_literal": "Function?.('return 1');",
 }
 
 
