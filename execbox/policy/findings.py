@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["Finding", "collect_findings"]
+__all__ = ["Finding", "Hit", "collect_findings"]
+
+#: one raw finding of a rule: (line, column, message, rule)
+Hit = tuple[int, int, str, str]
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Finding:
         return f"Line {self.line}: {self.message}{suffix}"
 
 
-def collect_findings(hits: Iterable[tuple[int, int, str, str]]) -> list[Finding]:
+def collect_findings(hits: Iterable[Hit]) -> list[Finding]:
     """Turn raw ``(line, column, message, rule)`` hits into findings.
 
     The result is sorted by line (then by column of first appearance within the

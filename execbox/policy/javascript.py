@@ -40,7 +40,7 @@ not the security boundary.
 
 from __future__ import annotations
 
-from execbox.policy.findings import Finding, collect_findings
+from execbox.policy.findings import Finding, Hit, collect_findings
 from execbox.policy.javascript_tokens import Token, tokenize
 from execbox.settings import CodeCheckMode
 
@@ -100,8 +100,6 @@ _CONSTRUCTOR_COMPARISONS = frozenset({"===", "==", "!==", "!="})
 _CALL_FORWARDERS = frozenset({"call", "apply", "bind"})
 _MAX_NESTING = 3
 
-_Hit = tuple[int, int, str, str]
-
 
 def inspect_javascript(code: str, mode: CodeCheckMode = CodeCheckMode.BLOCK) -> list[Finding]:
     """Return the constructs in ``code`` that ``mode``'s rules reject.
@@ -120,7 +118,7 @@ class _Inspector:
         self.guard = mode is CodeCheckMode.GUARD
         self.mode = mode
         self.depth = depth
-        self.hits: list[_Hit] = []
+        self.hits: list[Hit] = []
 
     # -- token helpers ---------------------------------------------------------------
 
@@ -187,7 +185,7 @@ class _Inspector:
 
     # -- rules ---------------------------------------------------------------------------
 
-    def run(self) -> list[_Hit]:
+    def run(self) -> list[Hit]:
         for index, token in enumerate(self.tokens):
             if token.kind == "string" and self.is_name(index - 1, "import", "from"):
                 keyword = self._statement_start(index - 1)

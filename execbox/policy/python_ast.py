@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import ast
 
-from execbox.policy.findings import Finding, collect_findings
+from execbox.policy.findings import Finding, Hit, collect_findings
 from execbox.policy.python_guard import SOURCE_FUNCTIONS, check_source_function, guard_hits, guard_path_rule
 from execbox.policy.python_scope import REACH_NAMES, Scope, literal_text
 from execbox.settings import CodeCheckMode
@@ -123,9 +123,6 @@ STRING_NAME_FUNCTIONS: dict[str, str] = {
 
 _BUILTINS_MODULES: frozenset[str] = frozenset({"builtins", "__builtins__"})
 
-#: (line, column, message, rule)
-_Hit = tuple[int, int, str, str]
-
 
 def inspect_python(code: str, mode: CodeCheckMode = CodeCheckMode.BLOCK) -> list[Finding]:
     """Return the constructs in ``code`` that the policy rejects under ``mode``.
@@ -141,7 +138,7 @@ def inspect_python(code: str, mode: CodeCheckMode = CodeCheckMode.BLOCK) -> list
     return collect_findings(python_hits(code, mode, depth=0))
 
 
-def python_hits(code: str, mode: CodeCheckMode, depth: int) -> list[_Hit]:
+def python_hits(code: str, mode: CodeCheckMode, depth: int) -> list[Hit]:
     """The raw hits of :func:`inspect_python`; ``depth`` counts nested literal sources
     (``exec("...")``) already being inspected, for the guard rules."""
     try:
@@ -156,7 +153,7 @@ def python_hits(code: str, mode: CodeCheckMode, depth: int) -> list[_Hit]:
     scope = Scope(tree)
     hits = _shared_hits(scope, mode)
 
-    def reinspect(source: str, level: int) -> list[_Hit]:
+    def reinspect(source: str, level: int) -> list[Hit]:
         return python_hits(source, mode, level)
 
     if mode is CodeCheckMode.GUARD:
@@ -172,8 +169,8 @@ def python_hits(code: str, mode: CodeCheckMode, depth: int) -> list[_Hit]:
 # -- rules of both modes ----------------------------------------------------------
 
 
-def _shared_hits(scope: Scope, mode: CodeCheckMode) -> list[_Hit]:
-    hits: list[_Hit] = []
+def _shared_hits(scope: Scope, mode: CodeCheckMode) -> list[Hit]:
+    hits: list[Hit] = []
     for node in scope.nodes:
         if isinstance(node, ast.Name) and node.id == "__builtins__":
             hits.append((node.lineno, node.col_offset, "Access to '__builtins__' is not allowed", "internals"))
@@ -186,7 +183,7 @@ def _shared_hits(scope: Scope, mode: CodeCheckMode) -> list[_Hit]:
     return hits
 
 
-def _check_string_names(scope: Scope, node: ast.Call, mode: CodeCheckMode) -> list[_Hit]:
+def _check_string_names(scope: Scope, node: ast.Call, mode: CodeCheckMode) -> list[Hit]:
     path = scope.resolve(node.func)
     kind = STRING_NAME_FUNCTIONS.get(path or "")
     if kind is None:
@@ -197,7 +194,7 @@ def _check_string_names(scope: Scope, node: ast.Call, mode: CodeCheckMode) -> li
     texts = [literal_text(arg) for arg in arguments]
     if any(text is None for text in texts) or node.keywords and name != "methodcaller":
         return [(*where, f"'{name}' with a computed name is not allowed", "computed-name")]
-    hits: list[_Hit] = []
+    hits: list[Hit] = []
     for text in texts:
         assert text is not None
         dotted = text.replace(":", ".")
@@ -215,9 +212,9 @@ def _check_string_names(scope: Scope, node: ast.Call, mode: CodeCheckMode) -> li
 # -- block ------------------------------------------------------------------------
 
 
-def _block_hits(scope: Scope) -> list[_Hit]:
+def _block_hits(scope: Scope) -> list[Hit]:
     call_targets = {id(node.func) for node in scope.nodes if isinstance(node, ast.Call)}
-    hits: list[_Hit] = []
+    hits: list[Hit] = []
     for node in scope.nodes:
         if isinstance(node, ast.Import):
             hits.extend(_check_import(node))
@@ -240,7 +237,7 @@ def _import_message(name: str) -> str:
     return f"Import of '{name}' is not allowed"
 
 
-def _check_import(node: ast.Import) -> list[_Hit]:
+def _check_import(node: ast.Import) -> list[Hit]:
     return [
         (alias.lineno, alias.col_offset, _import_message(alias.name), "import")
         for alias in node.names
@@ -248,12 +245,12 @@ def _check_import(node: ast.Import) -> list[_Hit]:
     ]
 
 
-def _check_import_from(node: ast.ImportFrom) -> list[_Hit]:
+def _check_import_from(node: ast.ImportFrom) -> list[Hit]:
     if node.level or not node.module:
         return []  # relative import: the user's own files, never a stdlib module
     if _blocked_module(node.module):
         return [(node.lineno, node.col_offset, _import_message(node.module), "import")]
-    hits: list[_Hit] = []
+    hits: list[Hit] = []
     for alias in node.names:
         full = f"{node.module}.{alias.name}"
         if alias.name == "*":
@@ -265,7 +262,7 @@ def _check_import_from(node: ast.ImportFrom) -> list[_Hit]:
     return hits
 
 
-def _check_name(node: ast.Name, *, called: bool, bound: frozenset[str]) -> list[_Hit]:
+def _check_name(node: ast.Name, *, called: bool, bound: frozenset[str]) -> list[Hit]:
     where = (node.lineno, node.col_offset)
     if node.id not in BLOCKED_CALLS or not isinstance(node.ctx, ast.Load):
         return []
@@ -276,7 +273,7 @@ def _check_name(node: ast.Name, *, called: bool, bound: frozenset[str]) -> list[
     return []
 
 
-def _check_attribute(node: ast.Attribute, *, called: bool) -> list[_Hit]:
+def _check_attribute(node: ast.Attribute, *, called: bool) -> list[Hit]:
     where = (node.lineno, node.col_offset)
     base = node.value
     if (

@@ -36,6 +36,7 @@ import ast
 import re
 from collections.abc import Callable
 
+from execbox.policy.findings import Hit
 from execbox.policy.python_scope import REACH_NAMES, Scope, canonical, literal_text
 
 __all__ = [
@@ -136,8 +137,7 @@ def _compile_paths() -> list[tuple[re.Pattern[str], str]]:
 
 _PATH_RULES = _compile_paths()
 
-_Hit = tuple[int, int, str, str]
-Reinspect = Callable[[str, int], list[_Hit]]
+Reinspect = Callable[[str, int], list[Hit]]
 
 
 def guard_path_rule(path: str) -> str | None:
@@ -149,10 +149,10 @@ def guard_path_rule(path: str) -> str | None:
     return None
 
 
-def guard_hits(scope: Scope, depth: int, reinspect: Reinspect) -> list[_Hit]:
+def guard_hits(scope: Scope, depth: int, reinspect: Reinspect) -> list[Hit]:
     """Every guard finding of one program. ``reinspect(source, depth)`` inspects a
     literal source given to ``exec``/``eval``/``compile`` with these same rules."""
-    hits: list[_Hit] = []
+    hits: list[Hit] = []
     for node in scope.nodes:
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -171,11 +171,11 @@ def guard_hits(scope: Scope, depth: int, reinspect: Reinspect) -> list[_Hit]:
     return hits
 
 
-def _path_hit(node: ast.AST, path: str, verb: str) -> list[_Hit]:
+def _path_hit(node: ast.expr | ast.stmt | ast.alias, path: str, verb: str) -> list[Hit]:
     rule = guard_path_rule(path)
     if rule is None:
         return []
-    return [(node.lineno, node.col_offset, f"{verb} of '{canonical(path)}' is not allowed", rule)]  # type: ignore[attr-defined]
+    return [(node.lineno, node.col_offset, f"{verb} of '{canonical(path)}' is not allowed", rule)]
 
 
 def _is_chain_end(scope: Scope, node: ast.AST) -> bool:
@@ -189,9 +189,9 @@ def _is_chain_end(scope: Scope, node: ast.AST) -> bool:
     return True
 
 
-def _check_attribute(scope: Scope, node: ast.Attribute) -> list[_Hit]:
+def _check_attribute(scope: Scope, node: ast.Attribute) -> list[Hit]:
     where = (node.lineno, node.col_offset)
-    hits: list[_Hit] = []
+    hits: list[Hit] = []
     rule = GUARD_ATTRIBUTES.get(node.attr)
     if rule:
         hits.append((*where, f"Access to '{node.attr}' is not allowed", rule))
@@ -202,8 +202,8 @@ def _check_attribute(scope: Scope, node: ast.Attribute) -> list[_Hit]:
     return hits
 
 
-def _check_name(scope: Scope, node: ast.Name) -> list[_Hit]:
-    hits: list[_Hit] = []
+def _check_name(scope: Scope, node: ast.Name) -> list[Hit]:
+    hits: list[Hit] = []
     name = scope.builtin_name(node)
     if name and not scope.is_call_target(node):
         if name in _CODE_BUILTINS or name == "__import__":
@@ -220,7 +220,7 @@ def _check_name(scope: Scope, node: ast.Name) -> list[_Hit]:
     return hits
 
 
-def _check_reached(scope: Scope, node: ast.expr) -> list[_Hit]:
+def _check_reached(scope: Scope, node: ast.expr) -> list[Hit]:
     """The path a maximal name or chain reaches, and whether it escapes as a value."""
     path = scope.resolve(node)
     if path is None:
@@ -246,14 +246,14 @@ def _escapes_as_value(scope: Scope, node: ast.expr) -> bool:
     return not isinstance(parent, ast.Expr)
 
 
-def _check_call(scope: Scope, node: ast.Call, depth: int, reinspect: Reinspect) -> list[_Hit]:
+def _check_call(scope: Scope, node: ast.Call, depth: int, reinspect: Reinspect) -> list[Hit]:
     where = (node.lineno, node.col_offset)
     name = scope.builtin_name(node.func)
     path = scope.resolve(node.func)
     if name in _CODE_BUILTINS:
         return _check_source(scope, node, name, depth, reinspect)
     if name == "__import__" or path in _IMPORT_PATHS:
-        label = name or path.rsplit(".", 1)[1]  # type: ignore[union-attr]
+        label = name or (path or "").rsplit(".", 1)[-1]
         module = literal_text(node.args[0]) if node.args else None
         if module is None:
             return [(*where, f"'{label}' with a computed name is not allowed", "dynamic-code")]
@@ -280,7 +280,7 @@ def _check_call(scope: Scope, node: ast.Call, depth: int, reinspect: Reinspect) 
     return []
 
 
-def check_source_function(scope: Scope, node: ast.Call, path: str, depth: int, reinspect: Reinspect) -> list[_Hit]:
+def check_source_function(scope: Scope, node: ast.Call, path: str, depth: int, reinspect: Reinspect) -> list[Hit]:
     """``timeit.timeit(stmt)``, ``cProfile.run(statement)``: a string argument is source.
 
     A literal is inspected like ``exec``'s, a lambda or a ``def``'d function is called,
@@ -288,7 +288,7 @@ def check_source_function(scope: Scope, node: ast.Call, path: str, depth: int, r
     positions, keywords = SOURCE_FUNCTIONS[path]
     label = path
     statements = list(node.args[:positions]) + [kw.value for kw in node.keywords if kw.arg in keywords]
-    hits: list[_Hit] = []
+    hits: list[Hit] = []
     for statement in statements:
         source = literal_text(statement)
         if source is not None:
@@ -320,7 +320,7 @@ def _is_only_a_function(scope: Scope, name: str) -> bool:
     return found
 
 
-def _check_source(scope: Scope, node: ast.Call, name: str, depth: int, reinspect: Reinspect) -> list[_Hit]:
+def _check_source(scope: Scope, node: ast.Call, name: str, depth: int, reinspect: Reinspect) -> list[Hit]:
     where = (node.lineno, node.col_offset)
     source_node = node.args[0] if node.args else next(
         (kw.value for kw in node.keywords if kw.arg in ("source", "object", "expression")), None
