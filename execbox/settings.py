@@ -93,7 +93,12 @@ class BackendChoice(StrEnum):
 
 
 class CodeCheckMode(StrEnum):
+    """Static inspection before a run (docs/code-check.md): ``block`` RAGFlow's rules,
+    ``guard`` only processes, native code, dynamic code and interpreter internals (both
+    reject with -999), ``warn`` logs what ``block`` would reject, ``off`` skips it."""
+
     BLOCK = "block"
+    GUARD = "guard"
     WARN = "warn"
     OFF = "off"
 
@@ -116,7 +121,10 @@ class Settings(BaseSettings):
 
     # execbox's own
     backend: BackendChoice = Field(BackendChoice.AUTO, description="auto | gvisor | namespaces")
-    code_check: CodeCheckMode = Field(CodeCheckMode.BLOCK, description="static inspection: block | warn | off")
+    code_check: CodeCheckMode = Field(
+        CodeCheckMode.BLOCK,
+        description="static inspection: block (RAGFlow's rules) | guard (recommended for agents) | warn | off; see docs/code-check.md",
+    )
     max_output: Size = Field(1 << 20, description="cap on stdout + stderr of one execution")
     max_disk: Size = Field(64 << 20, description="size of the sandbox's working directory (tmpfs)")
     max_pids: int = Field(128, ge=8, le=4096, description="processes + threads per execution")

@@ -132,8 +132,8 @@ class Executor:
     async def _execute(self, request: ExecutionRequest, on_output: OutputSink | None) -> ExecutionResult:
         limits = self.limits_for(request)
         if self.settings.code_check is not CodeCheckMode.OFF:
-            findings = inspect_code(request.code, request.language.value)
-            if findings and self.settings.code_check is CodeCheckMode.BLOCK:
+            findings = inspect_code(request.code, request.language.value, self.settings.code_check)
+            if findings and self.settings.code_check in (CodeCheckMode.BLOCK, CodeCheckMode.GUARD):
                 return runner_error(EXIT_UNSAFE, "Code is unsafe", "\n".join(map(str, findings)) + "\n")
             for finding in findings:
                 log.warning("code check (warn mode): %s", finding)

@@ -38,6 +38,18 @@ def test_secure_defaults() -> None:
     assert settings.uid_base >= 1000
 
 
+@pytest.mark.parametrize("mode", ["block", "guard", "warn", "off"])
+def test_code_check_modes(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    monkeypatch.setenv("SANDBOX_CODE_CHECK", mode)
+    assert Settings.load().code_check.value == mode
+
+
+def test_unknown_code_check_mode_names_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOX_CODE_CHECK", "gaurd")
+    with pytest.raises(ConfigurationError, match="SANDBOX_CODE_CHECK='gaurd'.*'guard'"):
+        Settings.load()
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("500ms", 0.5), ("10s", 10.0), ("2m", 120.0), ("1m30s", 90.0), ("1h", 3600.0), ("1.5s", 1.5), ("7", 7.0),

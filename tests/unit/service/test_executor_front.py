@@ -49,6 +49,60 @@ def test_unsafe_nodejs_is_refused_before_any_sandbox(executor: Executor) -> None
     assert "Line 1: " in result.stderr
 
 
+def _guard_executor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mode: str) -> Executor:
+    for name in list(os.environ):
+        if name.upper().startswith("SANDBOX_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return Executor(Settings.load(code_check=mode), backend=None, pool_size=0)
+
+
+@pytest.mark.parametrize(
+    ("language", "code", "stderr"),
+    [
+        (
+            Language.PYTHON,
+            "import pathlib\ndef main():\n    return pathlib.os.popen('id').read()\n",
+            "Line 3: Use of 'os.popen' is not allowed [process]\n",
+        ),
+        (
+            Language.NODEJS,
+            "function main() { return require('child_' + 'process').execSync('id').toString(); }\n",
+            "Line 1: require() with a computed module name is not allowed [computed-name]\n",
+        ),
+    ],
+)
+def test_guard_refuses_like_block(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, language: Language, code: str, stderr: str
+) -> None:
+    executor = _guard_executor(monkeypatch, tmp_path, "guard")
+    try:
+        result = asyncio.run(executor.execute(ExecutionRequest(language=language, code=code)))
+    finally:
+        asyncio.run(executor.close())
+    assert result.status is Status.PROGRAM_RUNNER_ERROR
+    assert result.exit_code == -999
+    assert result.detail == "Code is unsafe"
+    assert result.stderr == stderr
+
+
+@pytest.mark.parametrize(
+    ("mode", "refused"), [("block", True), ("guard", False), ("warn", False), ("off", False)]
+)
+def test_everyday_code_under_each_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mode: str, refused: bool) -> None:
+    # `import os` and open(): refused by block (RAGFlow's rules), let through by guard; with no
+    # pool running, code that passes the check ends as -3 "no python pool is running"
+    code = "import os\ndef main():\n    os.makedirs('artifacts', exist_ok=True)\n    return open('a', 'w').write('x')\n"
+    executor = _guard_executor(monkeypatch, tmp_path, mode)
+    try:
+        result = asyncio.run(executor.execute(ExecutionRequest(code=code)))
+    finally:
+        asyncio.run(executor.close())
+    assert (result.exit_code == -999) is refused, result
+    if not refused:
+        assert result.exit_code == -3 and "pool" in result.stderr
+
+
 def test_limits_within_the_maxima_are_used(executor: Executor, settings: Settings) -> None:
     lower = settings.default_limits().model_copy(update={"wall_time_s": 1.0, "memory_bytes": 64 << 20})
     assert executor.limits_for(ExecutionRequest(code="", limits=lower)) == lower
