@@ -1,11 +1,21 @@
 """Drive one run of a started driver: send the request, read output and events under a
-deadline and an output cap. Shared by every backend whose driver talks over pipes."""
+deadline and an output cap. Shared by every backend whose driver talks over pipes.
+
+The verdict is the host's: the driver's report runs in the user's process, so it is
+believed only when it carries this run's token, has the exact shape (see
+``protocol.parse_report``) and the driver is still alive after sending it (a real driver
+blocks until the sandbox is destroyed). A well-framed frame without the token is ignored
+(the real report follows, or the exit status decides); bytes that cannot be framed, or a
+malformed report with the token, stop the run: a verdict about the program
+(``report_violation``), never ``internal_error``.
+"""
 
 from __future__ import annotations
 
 import abc
 import contextlib
 import os
+import secrets
 import selectors
 import threading
 import time
@@ -33,6 +43,8 @@ class Supervised:
     timed_out: bool
     output_capped: bool
     wall_time_ms: float
+    #: why the report channel was not believed (the program wrote to it), else None
+    violation: str | None = None
 
 
 def wait_ready(events_fd: int, timeout_s: float, reader: FrameReader) -> None:
@@ -67,13 +79,16 @@ def supervise(
     kill: Callable[[], None],
     reader: FrameReader,
     on_output: OutputSink | None = None,
+    token: str | None = None,
 ) -> Supervised:
     """Run one request to its end: the driver's report, its death, the deadline or the cap.
 
-    On timeout or output cap, ``kill`` is called and the partial output is kept.
+    On timeout or output cap, ``kill`` is called and the partial output is kept. With
+    ``token`` (sent in ``payload``), only a report that carries it is believed.
     """
     out = {stdout_fd: bytearray(), stderr_fd: bytearray()}
     report: DriverReport | None = None
+    violation: str | None = None
     timed_out = capped = False
     pending = memoryview(payload)
     start = time.monotonic()
@@ -89,7 +104,7 @@ def supervise(
         sel.register(control_fd, selectors.EVENT_WRITE)
         for fd in (events_fd, stdout_fd, stderr_fd):
             sel.register(fd, selectors.EVENT_READ)
-        while report is None and not capped:
+        while report is None and not capped and violation is None:
             now = time.monotonic()
             if drain_until is not None and (now >= drain_until or not sel.get_map()):
                 break
@@ -120,10 +135,12 @@ def supervise(
                         if control_fd in sel.get_map():
                             sel.unregister(control_fd)
                 elif fd == events_fd:
-                    for message in reader.feed(data):
-                        if message.get("event") != "done":
-                            raise SandboxProtocolError(f"unexpected event {message.get('event')!r}")
-                        report = parse_report(message)
+                    try:
+                        report = _authentic_report(reader.feed(data), token)
+                    except SandboxProtocolError as exc:
+                        violation = str(exc)
+                        kill()
+                        break
                 else:
                     out[fd] += data
                     if on_output is not None:
@@ -134,6 +151,8 @@ def supervise(
                         capped = True
                         kill()
                         break
+    if report is not None and not capped and _closed(events_fd):
+        report = None  # the process ended right after "reporting": not the driver's report
     if report is not None and not capped:
         # the driver flushed before reporting, so its output is already in the pipes
         for fd in (stdout_fd, stderr_fd):
@@ -150,7 +169,31 @@ def supervise(
     if capped:
         stdout = stdout[:output_bytes]
         stderr = stderr[: max(0, output_bytes - len(stdout))]
-    return Supervised(stdout, stderr, report, timed_out, capped, wall_ms)
+    return Supervised(stdout, stderr, report, timed_out, capped, wall_ms, violation)
+
+
+def _authentic_report(messages: list[dict[str, object]], token: str | None) -> DriverReport | None:
+    """The first report among ``messages`` that carries ``token``; frames without it are
+    not the driver's and are ignored; a malformed report with it raises."""
+    for message in messages:
+        if token is not None and not (isinstance(message.get("token"), str) and secrets.compare_digest(
+            str(message["token"]), token
+        )):
+            continue
+        if message.get("event") != "done":
+            raise SandboxProtocolError(f"unexpected event {message.get('event')!r}")
+        return parse_report(message)
+    return None
+
+
+def _closed(fd: int) -> bool:
+    """Whether the other end of ``fd`` is closed already (non-blocking peek)."""
+    try:
+        return os.read(fd, _CHUNK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class SupervisedSandbox(Sandbox):
@@ -218,14 +261,23 @@ class SupervisedSandbox(Sandbox):
             raise SandboxError(f"sandbox {self.id} was already used")
         self._used = True
         if limits.memory_bytes < self.spec.memory_bytes:
-            self._set_memory_limit(limits.memory_bytes)
+            try:
+                self._set_memory_limit(limits.memory_bytes)
+            except SandboxError:  # the kernel refuses a limit below what the sandbox already uses
+                return RunOutcome(
+                    stdout=b"", report=None, exit_code=None, signal=None, oom_killed=True,
+                    stderr=f"execbox: the sandbox needs more memory than the limit of {limits.memory_bytes} bytes "
+                    "before the program starts\n".encode(),
+                )
         self._renice(0)
+        token = secrets.token_hex(16)
         seen = supervise(
+            token=token,
             control_fd=self._fds["control"],
             events_fd=self._fds["events"],
             stdout_fd=self._fds["stdout"],
             stderr_fd=self._fds["stderr"],
-            payload=encode_request(request),
+            payload=encode_request(request, token),
             wall_time_s=min(limits.wall_time_s, self.spec.wall_time_s),
             output_bytes=min(limits.output_bytes, self.spec.output_bytes),
             kill=self._kill,
@@ -239,7 +291,7 @@ class SupervisedSandbox(Sandbox):
             except TimeoutError:
                 self._kill()
                 exit_code, signal_number = self._exit_status(5.0)
-            if seen.timed_out or seen.output_capped:
+            if seen.timed_out or seen.output_capped or seen.violation:
                 exit_code = signal_number = None  # we killed it: the verdict says why
         return RunOutcome(
             stdout=seen.stdout,
@@ -249,6 +301,7 @@ class SupervisedSandbox(Sandbox):
             signal=signal_number,
             timed_out=seen.timed_out,
             output_capped=seen.output_capped,
+            report_violation=seen.violation,
             oom_killed=self.cgroup.oom_kills() > 0,
             wall_time_ms=seen.wall_time_ms,
             memory_peak_bytes=self.cgroup.memory_peak_bytes(),

@@ -13,10 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from execbox.artifacts import collect_artifacts
+from execbox.artifacts import collect_artifacts_report
 from execbox.errors import BadRequestError, ExecboxError, PoolBusyError
 from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, Sandbox
-from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits
+from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits, SkippedArtifact
 from execbox.policy import inspect_code
 from execbox.pool import PoolStats, SandboxPool
 from execbox.runtimes import RUNTIMES, get_runtime
@@ -149,7 +149,7 @@ class Executor:
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
         try:
             loop = asyncio.get_running_loop()
-            outcome, artifacts = await loop.run_in_executor(
+            outcome, artifacts, skipped = await loop.run_in_executor(
                 self._run_threads, _run_in_sandbox, sandbox, request, limits, on_output
             )
         except ExecboxError as exc:
@@ -157,7 +157,10 @@ class Executor:
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
         finally:
             pool.release(sandbox)
-        return classify(outcome, wall_time_s=limits.wall_time_s, artifacts=artifacts, backend=sandbox.backend_name)
+        return classify(
+            outcome, wall_time_s=limits.wall_time_s, artifacts=artifacts, artifacts_skipped=skipped,
+            backend=sandbox.backend_name,
+        )
 
     def _log(self, request: ExecutionRequest, result: ExecutionResult, started: float) -> None:
         record = {
@@ -179,10 +182,11 @@ class Executor:
 
 def _run_in_sandbox(
     sandbox: Sandbox, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None
-) -> tuple[RunOutcome, tuple[Artifact, ...]]:
+) -> tuple[RunOutcome, tuple[Artifact, ...], tuple[SkippedArtifact, ...]]:
     """Blocking: run, then collect artifacts from the still-live sandbox if the program finished."""
     outcome = sandbox.run(request, limits, on_output)
     artifacts: tuple[Artifact, ...] = ()
+    skipped: tuple[SkippedArtifact, ...] = ()
     if outcome.report is not None:
         try:
             workspace = sandbox.open_workspace()
@@ -190,7 +194,7 @@ def _run_in_sandbox(
             log.warning("cannot open the workspace of sandbox %s: %s", sandbox.id, exc)
         else:
             try:
-                artifacts = collect_artifacts(workspace)
+                artifacts, skipped = collect_artifacts_report(workspace)
             finally:
                 os.close(workspace)
-    return outcome, artifacts
+    return outcome, artifacts, skipped
