@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from execbox.artifacts import collect_artifacts_report
-from execbox.errors import BadRequestError, ExecboxError, PoolBusyError
+from execbox.errors import BadRequestError, ExecboxError, PoolBusyError, RuntimeEnvironmentError
 from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, Sandbox
 from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits, SkippedArtifact
 from execbox.policy import inspect_code
@@ -58,11 +58,28 @@ class Executor:
         self._build_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="execbox-build")
         self._closing = False
 
+    def _check_environments(self) -> None:
+        """Fail start-up when no runtime environment is built; warn for each one missing."""
+        missing = [rt for rt in map(get_runtime, self._languages) if not rt.env_dir(self.settings.runtime_dir).is_dir()]
+        build = "build them with `execbox build` (or `make build`)"
+        if missing and len(missing) == len(self._languages):
+            names = ", ".join(rt.name for rt in missing)
+            raise RuntimeEnvironmentError(
+                f"no runtime environment ({names}) is built under {self.settings.runtime_dir}: {build}"
+            )
+        for runtime in missing:
+            self.warnings.append(
+                f"the {runtime.name} runtime environment is missing at {runtime.env_dir(self.settings.runtime_dir)}: "
+                f"{runtime.name} requests cannot run; {build}"
+            )
+
     async def start(self) -> None:
         """Pick and check the backend, reap a crashed predecessor's leftovers, fill the pools."""
         loop = asyncio.get_running_loop()
+        self._check_environments()
         if self.backend is None:
-            self.backend, self.warnings = await loop.run_in_executor(self._build_threads, select_backend, self.settings)
+            self.backend, warnings = await loop.run_in_executor(self._build_threads, select_backend, self.settings)
+            self.warnings.extend(warnings)
         reaped = await loop.run_in_executor(self._build_threads, self.backend.reap)
         if reaped:
             log.warning("reaped %d sandbox(es) left by a previous run", reaped)
