@@ -288,3 +288,20 @@ def test_node_tracebacks_carry_no_driver_frames(executor: SandboxRunner) -> None
     assert "main.js:1" in result.stderr  # the user's own frame stays
     assert "driver.js" not in result.stderr
     assert "node:internal/modules" not in result.stderr
+
+
+# -- finding 4, below the HTTP layer ----------------------------------------------------
+
+
+@pytest.mark.parametrize("memory_bytes", [1, 1 << 20])
+@pytest.mark.parametrize("language", ["python", "nodejs"])
+def test_a_memory_limit_the_kernel_refuses_is_not_an_internal_fault(
+    executor: SandboxRunner, language: str, memory_bytes: int
+) -> None:
+    code = "def main():\n    return 1\n" if language == "python" else "function main() { return 1; }\n"
+    result = executor.run(code, language, limits=executor.limits(memory_bytes=memory_bytes))
+    assert result.status in (Status.SUCCESS, Status.RESOURCE_LIMIT_EXCEEDED), executor.describe(result)
+    assert result.exit_code != -3
+    assert "/sys/fs/cgroup" not in result.stderr and "cgroup" not in result.stderr
+    if result.status is Status.RESOURCE_LIMIT_EXCEEDED:
+        assert result.resource_limit_type is ResourceLimitType.MEMORY
