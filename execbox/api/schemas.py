@@ -171,10 +171,19 @@ class ExecuteRequest(BaseModel):
             normal = os.path.normpath(name) if name else ""
             if not name or name.startswith("/") or ".." in name.split("/") or normal in (".", "") or name.endswith("/"):
                 raise ValueError(f"file name {name!r} must be a relative path of a file inside the workspace")
+            if normal == "artifacts":
+                raise ValueError("file name 'artifacts' is the directory where the program saves its artifacts")
             try:
                 base64.b64decode(content, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise ValueError(f"file {name!r} is not valid base64") from exc
+        normals = {os.path.normpath(name) for name in value}
+        for normal in normals:
+            parent = os.path.dirname(normal)
+            while parent:
+                if parent in normals:
+                    raise ValueError(f"file {parent!r} is also a directory of file {normal!r}")
+                parent = os.path.dirname(parent)
         return value
 
 

@@ -185,6 +185,8 @@ def test_undecodable_bodies_are_422(client: TestClient, endpoint: str, raw: byte
         ({"code": "x", "files": {".": "eA=="}}, "files"),
         ({"code": "x", "files": {"./": "eA=="}}, "files"),
         ({"code": "x", "files": {"a\u0000b": "eA=="}}, "files"),
+        ({"code": "x", "files": {"a": "eA==", "a/b": "eA=="}}, "files"),
+        ({"code": "x", "files": {"artifacts": "eA=="}}, "files"),
         ({"code": "x\ud800"}, "code"),
         ({"code": "x", "stdin": "\udc80"}, "stdin"),
         ({"code": "x", "limits": {"memory_bytes": 1}}, "memory_bytes"),
