@@ -188,7 +188,7 @@ class Executor:
             "time_used_ms": result.time_used_ms,
             "memory_used_kb": result.memory_used_kb,
             "total_ms": round((time.perf_counter() - started) * 1000, 3),
-            "code_bytes": len(request.code.encode()),
+            "code_bytes": len(request.code.encode("utf-8", "surrogatepass")),
             "stdout_bytes": len(result.stdout),
             "stderr_bytes": len(result.stderr),
             "artifacts": len(result.artifacts),

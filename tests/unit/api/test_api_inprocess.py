@@ -219,3 +219,19 @@ def test_openapi_says_422_detail_is_a_list(client: TestClient) -> None:
     assert validation["properties"]["detail"]["type"] == "array"
     assert "artifacts_skipped" in schema["components"]["schemas"]["ExecuteResponse"]["properties"]
     assert "artifacts_skipped" not in schema["components"]["schemas"]["RunResponse"]["properties"]
+
+
+def test_the_library_executor_takes_code_with_a_lone_surrogate(tmp_path: Path) -> None:
+    import asyncio
+
+    for runtime in ("python", "nodejs"):
+        (tmp_path / "runtimes" / runtime).mkdir(parents=True)
+    settings = Settings.load(env_file=None, code_check="off", state_dir=tmp_path)
+
+    async def once() -> Any:
+        async with Executor(settings, backend=ScriptedBackend(), pool_size=1) as executor:
+            return await executor.execute(ExecutionRequest(code='{"value": "\ud800"}'))
+
+    result = asyncio.run(once())
+    assert result.status.value == "success"
+    assert result.result is not None and result.result.value == "\ufffd"
