@@ -248,10 +248,8 @@ class Settings(BaseSettings):
 def _dotenv_names(env_file: str | Path | None) -> list[str]:
     if env_file is None:
         return []
-    try:
-        from dotenv import dotenv_values  # pydantic-settings' own dependency
-    except ImportError:  # pragma: no cover - pydantic-settings always brings it
-        return []
+    from dotenv import dotenv_values  # what pydantic-settings reads .env with
+
     path = Path(env_file)
     return list(dotenv_values(path)) if path.is_file() else []
 
