@@ -155,8 +155,14 @@ def serve(
     import uvicorn
 
     from execbox.api.app import create_app
+    from execbox.service.executor import check_environments
 
     settings = _settings()
+    try:
+        check_environments(settings)  # the warnings are logged at start-up
+    except ExecboxError as exc:
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(1) from exc
     logging.basicConfig(
         level=settings.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -31,10 +31,25 @@ from execbox.service.classify import (
 from execbox.service.specs import sandbox_spec
 from execbox.settings import CodeCheckMode, Settings
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "check_environments"]
 
 log = logging.getLogger("execbox.executor")
 executions_log = logging.getLogger("execbox.executions")
+
+
+def check_environments(settings: Settings, languages: tuple[Language, ...] = tuple(RUNTIMES)) -> list[str]:
+    """Warnings for the runtime environments that are missing; RuntimeEnvironmentError,
+    with the command that builds them, when none of ``languages`` has one."""
+    missing = [rt for rt in map(get_runtime, languages) if not rt.env_dir(settings.runtime_dir).is_dir()]
+    build = "build them with `execbox build` (or `make build`)"
+    if missing and len(missing) == len(languages):
+        names = ", ".join(rt.name for rt in missing)
+        raise RuntimeEnvironmentError(f"no runtime environment ({names}) is built under {settings.runtime_dir}: {build}")
+    return [
+        f"the {rt.name} runtime environment is missing at {rt.env_dir(settings.runtime_dir)}: "
+        f"{rt.name} requests cannot run; {build}"
+        for rt in missing
+    ]
 
 
 class Executor:
@@ -59,19 +74,7 @@ class Executor:
         self._closing = False
 
     def _check_environments(self) -> None:
-        """Fail start-up when no runtime environment is built; warn for each one missing."""
-        missing = [rt for rt in map(get_runtime, self._languages) if not rt.env_dir(self.settings.runtime_dir).is_dir()]
-        build = "build them with `execbox build` (or `make build`)"
-        if missing and len(missing) == len(self._languages):
-            names = ", ".join(rt.name for rt in missing)
-            raise RuntimeEnvironmentError(
-                f"no runtime environment ({names}) is built under {self.settings.runtime_dir}: {build}"
-            )
-        for runtime in missing:
-            self.warnings.append(
-                f"the {runtime.name} runtime environment is missing at {runtime.env_dir(self.settings.runtime_dir)}: "
-                f"{runtime.name} requests cannot run; {build}"
-            )
+        self.warnings.extend(check_environments(self.settings, self._languages))
 
     async def start(self) -> None:
         """Pick and check the backend, reap a crashed predecessor's leftovers, fill the pools."""

@@ -105,3 +105,12 @@ def test_env_file_is_read_and_typos_are_named(tmp_path: Path) -> None:
     assert "unknown setting SANDBOX_TIMOUT" in result.output
     assert "did you mean SANDBOX_TIMEOUT?" in result.output
     assert str(tmp_path / "state") in result.output  # the file's settings were used
+
+
+def test_serve_without_runtimes_stops_with_the_build_command(tmp_path: Path) -> None:
+    env_file = tmp_path / "empty.env"
+    env_file.write_text(f"SANDBOX_STATE_DIR={tmp_path / 'empty-state'}\n")
+    result = CliRunner().invoke(app, ["--env-file", str(env_file), "serve", "--port", "1"])
+    assert result.exit_code == 1
+    assert "execbox build" in result.output
+    assert "Traceback" not in result.output
