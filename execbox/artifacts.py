@@ -3,24 +3,39 @@
 Read from the host side through a directory fd of the live sandbox's workspace,
 component by component with O_NOFOLLOW: a symlink (to /etc/passwd or anywhere) yields
 nothing, and so does anything that is not a regular file. Allowed: .png .jpg .jpeg
-.svg .pdf .csv .json .html; at most 10 files of at most 10 MiB each (sorted by name,
-the rest ignored).
+.svg .pdf .csv .json .html; at most 10 files of at most 10 MiB each (sorted by name).
+
+What is left out is said, not dropped in silence: :func:`collect_artifacts_report` also
+returns one :class:`~execbox.models.SkippedArtifact` (name, reason) per file that is not
+in the answer: over a cap, a type not allowed, not a regular file, or a name that is not
+UTF-8 (reported with U+FFFD in place of the undecodable bytes; never fatal).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from types import MappingProxyType
 
-from execbox.models import Artifact
+from execbox.models import Artifact, SkippedArtifact
 
-__all__ = ["ARTIFACTS_DIR", "MAX_ARTIFACTS", "MAX_ARTIFACT_BYTES", "MIME_TYPES", "collect_artifacts"]
+__all__ = [
+    "ARTIFACTS_DIR",
+    "MAX_ARTIFACTS",
+    "MAX_ARTIFACT_BYTES",
+    "MAX_SKIPPED_LISTED",
+    "MIME_TYPES",
+    "collect_artifacts",
+    "collect_artifacts_report",
+]
 
 ARTIFACTS_DIR = "artifacts"
 MAX_ARTIFACTS = 10
 MAX_ARTIFACT_BYTES = 10 << 20
+#: at most this many skipped files are listed (a program may create thousands)
+MAX_SKIPPED_LISTED = 100
 MIME_TYPES = MappingProxyType(
     {
         ".png": "image/png",
@@ -36,20 +51,28 @@ MIME_TYPES = MappingProxyType(
 _NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def _read_regular(dir_fd: int, name: str) -> bytes | None:
+class _Skip(Exception):
+    pass
+
+
+def _read_regular(dir_fd: int, name: str) -> bytes:
+    """The content of a regular file, or _Skip(reason)."""
     try:
         fd = os.open(name, _NOFOLLOW, dir_fd=dir_fd)
-    except OSError:  # ELOOP for a symlink, or gone
-        return None
+    except OSError as exc:  # ELOOP for a symlink, or gone
+        raise _Skip("a symbolic link" if exc.errno == errno.ELOOP else "cannot be opened") from exc
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_ARTIFACT_BYTES:
-            return None
+        if not stat.S_ISREG(info.st_mode):
+            raise _Skip("not a regular file")
+        too_large = f"larger than {MAX_ARTIFACT_BYTES} bytes (the cap of one artifact)"
+        if info.st_size > MAX_ARTIFACT_BYTES:
+            raise _Skip(too_large)
         chunks, size = [], 0
         while chunk := os.read(fd, 1 << 20):
             size += len(chunk)
             if size > MAX_ARTIFACT_BYTES:
-                return None
+                raise _Skip(too_large)
             chunks.append(chunk)
         return b"".join(chunks)
     finally:
@@ -58,24 +81,47 @@ def _read_regular(dir_fd: int, name: str) -> bytes | None:
 
 def collect_artifacts(workspace_fd: int) -> tuple[Artifact, ...]:
     """The allowed regular files directly under ``artifacts/`` of the workspace."""
+    return collect_artifacts_report(workspace_fd)[0]
+
+
+def collect_artifacts_report(workspace_fd: int) -> tuple[tuple[Artifact, ...], tuple[SkippedArtifact, ...]]:
+    """The artifacts, and the files under ``artifacts/`` left out with the reason."""
     try:
         dir_fd = os.open(ARTIFACTS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=workspace_fd)
     except OSError:
-        return ()
+        return (), ()
     found: list[Artifact] = []
+    skipped: list[SkippedArtifact] = []
+
+    def skip(name: str, reason: str) -> None:
+        if len(skipped) < MAX_SKIPPED_LISTED:
+            shown = os.fsencode(name).decode("utf-8", errors="replace")
+            skipped.append(SkippedArtifact(name=shown, reason=reason))
+
     try:
+        names: list[str] = []
         with contextlib.suppress(OSError):
             names = sorted(os.listdir(dir_fd))
         for name in names:
-            mime = MIME_TYPES.get(os.path.splitext(name)[1].lower())
-            if mime is None:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                skip(name, "the file name is not valid UTF-8")
                 continue
-            content = _read_regular(dir_fd, name)
-            if content is None:
+            extension = os.path.splitext(name)[1].lower()
+            mime = MIME_TYPES.get(extension)
+            if mime is None:
+                skip(name, f"type {extension or '(none)'} is not allowed (allowed: {' '.join(MIME_TYPES)})")
+                continue
+            if len(found) == MAX_ARTIFACTS:  # not read: the answer is full
+                skip(name, f"more than {MAX_ARTIFACTS} artifacts (the cap)")
+                continue
+            try:
+                content = _read_regular(dir_fd, name)
+            except _Skip as exc:
+                skip(name, str(exc))
                 continue
             found.append(Artifact(name=name, mime_type=mime, size=len(content), content=content))
-            if len(found) == MAX_ARTIFACTS:
-                break
     finally:
         os.close(dir_fd)
-    return tuple(found)
+    return tuple(found), tuple(skipped)

@@ -1,4 +1,4 @@
-"""``execbox`` command line: run, doctor, build, serve."""
+"""``execbox`` command line: run, doctor, build, serve (``--version``, ``--env-file FILE``)."""
 
 from __future__ import annotations
 
@@ -18,24 +18,50 @@ from execbox.models import ExecutionRequest, Language
 __all__ = ["app"]
 
 app = typer.Typer(help="execbox: run untrusted Python and Node.js code in fresh, isolated sandboxes.", no_args_is_help=True)
+#: the settings file of this invocation (``--env-file``; ``.env`` in the working directory by default)
+_options: dict[str, Any] = {"env_file": ".env"}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from execbox import __version__
+
+        typer.echo(f"execbox {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    env_file: Annotated[
+        Optional[Path], typer.Option("--env-file", help="read settings from this file instead of ./.env")
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """execbox: run untrusted Python and Node.js code in fresh, isolated sandboxes."""
+    if env_file is not None:
+        _options["env_file"] = env_file
 
 
 def _settings(**overrides: Any):  # type: ignore[no-untyped-def]
-    from execbox.settings import Settings
+    from execbox.settings import Settings, unknown_variables
 
+    env_file = _options["env_file"]
     try:
-        return Settings.load(**overrides)
+        settings = Settings.load(env_file=env_file, **overrides)
     except ConfigurationError as exc:
         typer.echo(f"execbox: {exc}", err=True)
         raise typer.Exit(2) from exc
+    for warning in unknown_variables(env_file=env_file):
+        typer.echo(f"execbox: warning: {warning}", err=True)
+    return settings
 
 
 def _result_json(result: Any) -> dict[str, Any]:
-    data = result.model_dump(mode="json", exclude={"artifacts"})
-    data["artifacts"] = [
-        {"name": a.name, "mime_type": a.mime_type, "size": a.size, "content_b64": a.content_b64} for a in result.artifacts
-    ]
-    return data
+    from execbox.wire import result_to_json
+
+    return result_to_json(result, native=True)
 
 
 @app.command()
@@ -70,7 +96,7 @@ def run(
     except ExecboxError as exc:
         typer.echo(f"execbox: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(json.dumps(_result_json(result), indent=2))
+    typer.echo(json.dumps(_result_json(result), indent=2, ensure_ascii=False))
     raise typer.Exit(0 if result.status.value == "success" else 1)
 
 
@@ -108,8 +134,12 @@ def build(force: Annotated[bool, typer.Option(help="rebuild even if up to date")
     from execbox.service.environments import build_all
 
     settings = _settings()
+
+    def progress(line: str) -> None:
+        typer.echo(f"build: {line}")
+
     try:
-        for name, rebuilt in build_all(settings.runtime_dir, force=force).items():
+        for name, rebuilt in build_all(settings.runtime_dir, force=force, progress=progress).items():
             typer.echo(f"{name}: {'built' if rebuilt else 'up to date'} in {settings.runtime_dir / name}")
     except ExecboxError as exc:
         typer.echo(f"execbox: {exc}", err=True)
@@ -125,8 +155,14 @@ def serve(
     import uvicorn
 
     from execbox.api.app import create_app
+    from execbox.service.executor import check_environments
 
     settings = _settings()
+    try:
+        check_environments(settings)  # the warnings are logged at start-up
+    except ExecboxError as exc:
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(1) from exc
     logging.basicConfig(
         level=settings.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

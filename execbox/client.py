@@ -7,19 +7,14 @@ from typing import Any
 
 import httpx
 
-from execbox.models import Artifact, ExecutionResult, Language, ResultValue
+from execbox.models import ExecutionResult, Language
+from execbox.wire import result_from_json
 
 __all__ = ["Client"]
 
 
 def _to_result(data: dict[str, Any]) -> ExecutionResult:
-    artifacts = tuple(
-        Artifact(name=a["name"], mime_type=a["mime_type"], size=a["size"], content=base64.b64decode(a["content_b64"]))
-        for a in data.get("artifacts") or ()
-    )
-    result = ResultValue(**data["result"]) if data.get("result") else None
-    known = set(ExecutionResult.model_fields) - {"artifacts", "result"}
-    return ExecutionResult(artifacts=artifacts, result=result, **{k: v for k, v in data.items() if k in known})
+    return result_from_json(data)
 
 
 class Client:

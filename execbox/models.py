@@ -20,6 +20,7 @@ __all__ = [
     "ResourceLimitType",
     "ResultValue",
     "RuntimeErrorType",
+    "SkippedArtifact",
     "Status",
     "UnauthorizedAccessType",
 ]
@@ -108,6 +109,13 @@ class Artifact(_Frozen):
         return base64.b64encode(self.content).decode("ascii")
 
 
+class SkippedArtifact(_Frozen):
+    """A file under ``artifacts/`` that is not in the answer, and why (a cap, its name)."""
+
+    name: str
+    reason: str
+
+
 class ResultValue(_Frozen):
     """What ``main`` returned."""
 
@@ -131,5 +139,7 @@ class ExecutionResult(_Frozen):
     unauthorized_access_type: UnauthorizedAccessType | None = None
     runtime_error_type: RuntimeErrorType | None = None
     artifacts: tuple[Artifact, ...] = ()
+    #: files under artifacts/ left out of ``artifacts`` (over a cap, undecodable name), with why
+    artifacts_skipped: tuple[SkippedArtifact, ...] = ()
     result: ResultValue | None = None
     backend: str | None = None

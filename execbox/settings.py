@@ -1,19 +1,23 @@
 """One Settings object, read once at start-up from the environment (or ``.env``).
 
 RAGFlow's ``SANDBOX_*`` names are honoured with RAGFlow's defaults; execbox's own
-settings use the same prefix. A malformed value stops start-up with a
-:class:`~execbox.errors.ConfigurationError` naming the variable, the value and the
-accepted form.
+settings use the same prefix. A malformed value, or one outside its sane range, stops
+start-up with a :class:`~execbox.errors.ConfigurationError` naming the variable, the
+value and the accepted form or range. :func:`unknown_variables` names the ``SANDBOX_*``
+variables no setting reads (a typo such as ``SANDBOX_TIMOUT``), with the closest known name.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from execbox.errors import ConfigurationError
@@ -26,6 +30,7 @@ __all__ = [
     "parse_duration_s",
     "parse_rate",
     "parse_size_bytes",
+    "unknown_variables",
 ]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -85,6 +90,29 @@ def parse_rate(value: Any) -> tuple[int, float] | None:
 Duration = Annotated[float, BeforeValidator(parse_duration_s)]
 Size = Annotated[int, BeforeValidator(parse_size_bytes)]
 
+_K, _M, _G = 1 << 10, 1 << 20, 1 << 30
+#: sane ranges (inclusive) of the sizes and durations: below or above them is a mistake
+SIZE_RANGES: dict[str, tuple[int, int]] = {
+    "max_memory": (16 * _M, 1 << 40),
+    "max_output": (1 * _K, 1 * _G),
+    "max_disk": (1 * _M, 64 * _G),
+    "max_code_size": (1 * _K, 32 * _M),
+}
+DURATION_RANGES_S: dict[str, tuple[float, float]] = {
+    "timeout": (0.01, 86400.0),
+    "pool_wait": (0.001, 3600.0),
+    "body_timeout": (0.1, 3600.0),
+}
+#: SANDBOX_* names RAGFlow's side reads (its docker/.env), which execbox leaves alone in silence
+RAGFLOW_ONLY_VARIABLES = frozenset({"SANDBOX_ENABLED", "SANDBOX_HOST", "SANDBOX_EXECUTOR_MANAGER_IMAGE"})
+
+
+def _size_text(size: int) -> str:
+    for unit, factor in (("g", _G), ("m", _M), ("k", _K)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size} bytes"
+
 
 class BackendChoice(StrEnum):
     AUTO = "auto"
@@ -132,6 +160,9 @@ class Settings(BaseSettings):
     pool_wait: Duration = Field(10.0, description="how long a request waits for a free sandbox")
     rate_limit: str = Field("", description="per-client request rate, e.g. 100/minute; empty = off")
     max_code_size: Size = Field(1 << 20, description="largest accepted source (HTTP 413 above)")
+    body_timeout: Duration = Field(
+        30.0, description="a request body must arrive in full within this time (HTTP 408 and the connection closed)"
+    )
     enable_network: bool = Field(False, description="give sandboxes the host's network (unsafe)")
     state_dir: Path = Field(Path("/var/lib/execbox"), description="runtime environments and sandbox state")
     uid_base: int = Field(60001, ge=1000, description="first uid/gid of sandboxes (one per live sandbox)")
@@ -148,6 +179,30 @@ class Settings(BaseSettings):
     gvisor_sandbox_lifetime: Duration = Field(600.0, description="longest life of one long-lived gVisor sandbox")
     bind_host: str = Field("0.0.0.0", description="address the HTTP service listens on")
     log_level: str = Field("info", description="debug | info | warning | error")
+
+    @field_validator(*SIZE_RANGES)
+    @classmethod
+    def _size_in_range(cls, value: int, info: Any) -> int:
+        low, high = SIZE_RANGES[info.field_name]
+        if not low <= value <= high:
+            raise ValueError(f"{_size_text(value)} is outside the sane range {_size_text(low)} to {_size_text(high)}")
+        return value
+
+    @field_validator(*DURATION_RANGES_S)
+    @classmethod
+    def _duration_in_range(cls, value: float, info: Any) -> float:
+        low, high = DURATION_RANGES_S[info.field_name]
+        if not low <= value <= high:
+            raise ValueError(f"{value:g}s is outside the sane range {low:g}s to {high:g}s")
+        return value
+
+    @model_validator(mode="after")
+    def _uids_fit(self) -> Settings:
+        if self.uid_base + self.uid_count > (1 << 32) - 2:
+            raise ValueError(
+                f"SANDBOX_UID_BASE + SANDBOX_UID_COUNT = {self.uid_base + self.uid_count} is beyond the largest uid"
+            )
+        return self
 
     @field_validator("rate_limit")
     @classmethod
@@ -170,15 +225,21 @@ class Settings(BaseSettings):
         return value.lower()
 
     @classmethod
-    def load(cls, **overrides: Any) -> Settings:
-        """Read the environment and ``.env``; a bad value raises ConfigurationError naming it."""
+    def load(cls, env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
+        """Read the environment and ``env_file`` (``.env`` by default); a bad value raises
+        ConfigurationError naming it."""
+        if env_file is not None and env_file != ".env" and not Path(env_file).is_file():
+            raise ConfigurationError(f"the settings file {str(env_file)!r} does not exist")
         try:
-            return cls(**overrides)
+            return cls(_env_file=env_file, **overrides)  # type: ignore[call-arg]
         except ValidationError as exc:
             lines = []
             for err in exc.errors():
-                name = "SANDBOX_" + "_".join(str(p) for p in err["loc"]).upper()
                 message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+                if not err["loc"]:  # a check across settings: the message names them
+                    lines.append(message)
+                    continue
+                name = "SANDBOX_" + "_".join(str(p) for p in err["loc"]).upper()
                 lines.append(f"{name}={err.get('input')!r}: {message}")
             raise ConfigurationError("invalid setting: " + "; ".join(lines)) from exc
 
@@ -203,3 +264,33 @@ class Settings(BaseSettings):
             disk_bytes=self.max_disk,
             cpus=self.cpus,
         )
+
+
+def _dotenv_names(env_file: str | Path | None) -> list[str]:
+    if env_file is None:
+        return []
+    from dotenv import dotenv_values  # what pydantic-settings reads .env with
+
+    path = Path(env_file)
+    return list(dotenv_values(path)) if path.is_file() else []
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> list[str]:
+    """One warning per ``SANDBOX_*`` variable (environment or ``env_file``) that no setting
+    reads, naming the closest known variable when there is one."""
+    known = ["SANDBOX_" + name.upper() for name in Settings.model_fields]
+    seen: dict[str, str] = {}
+    for name in (os.environ if environ is None else environ):
+        seen.setdefault(name, "the environment")
+    for name in _dotenv_names(env_file):
+        seen.setdefault(name, str(env_file))
+    warnings = []
+    for name, where in seen.items():
+        upper = name.upper()
+        if not upper.startswith("SANDBOX_") or upper in known or upper in RAGFLOW_ONLY_VARIABLES:
+            continue
+        suffixes = [k.removeprefix("SANDBOX_") for k in known]
+        close = difflib.get_close_matches(upper.removeprefix("SANDBOX_"), suffixes, n=1, cutoff=0.6)
+        hint = f"; did you mean SANDBOX_{close[0]}?" if close else ""
+        warnings.append(f"unknown setting {name} (in {where}) is ignored{hint}")
+    return warnings

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
@@ -22,60 +23,22 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from execbox.api.body import BodyTimeout, StrictJSONRoute
 from execbox.api.ratelimit import RateLimiter
 from execbox.api.schemas import ExecuteRequest, ExecuteResponse, RunRequest, RunResponse
 from execbox.errors import BadRequestError
 from execbox.isolation.base import OutputSink
 from execbox.models import ExecutionRequest, ExecutionResult, Limits
-from execbox.service.classify import EXIT_RATE_LIMITED
 from execbox.service.executor import Executor
 from execbox.settings import Settings
+from execbox.wire import EXIT_RATE_LIMITED, dumps, result_to_json
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("execbox.api")
 RATE_LIMITED_MESSAGE = "Too many requests, please try again later"
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for bodies above ``max_bytes``, counted as they stream in."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _too_large(self.max_bytes)(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await _too_large(self.max_bytes)(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-def _too_large(max_bytes: int) -> JSONResponse:
-    return JSONResponse({"detail": f"request body larger than {max_bytes} bytes"}, status_code=413)
 
 
 class _Metrics:
@@ -92,9 +55,15 @@ class _Metrics:
         self.leased = Gauge("execbox_pool_leased", "Sandboxes running code", ["pool"], registry=self.registry)
 
 
-def _json(model: RunResponse) -> Response:
-    """The answer, serialised once by pydantic (response_model still documents it in OpenAPI)."""
-    return Response(model.model_dump_json(), media_type="application/json")
+def _json(result: ExecutionResult, *, native: bool) -> Response:
+    """The answer, serialised once by execbox.wire, which cannot fail on what a program
+    returned (response_model still documents it in OpenAPI)."""
+    return Response(dumps(result_to_json(result, native=native)), media_type="application/json")
+
+
+def _error(loc: tuple[str | int, ...], message: str, kind: str = "value_error") -> RequestValidationError:
+    """A 422 in the shape of every other one (``detail`` a list, ``loc`` naming the field)."""
+    return RequestValidationError([{"loc": loc, "msg": message, "type": kind}])
 
 
 def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
@@ -120,12 +89,27 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
         version="0.1.0",
         summary="Runs untrusted Python and Node.js code in fresh, isolated sandboxes.",
         lifespan=lifespan,
+        max_body_size=2 * settings.max_code_size + (1 << 20),  # 413 above it, chunked or not
     )
-    app.add_middleware(BodyLimit, max_bytes=2 * settings.max_code_size + (1 << 20))
+    app.router.route_class = StrictJSONRoute
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        response = await http_exception_handler(request, exc)
+        if exc.status_code in (408, 413):  # the rest of the body is not read: do not wait for it
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        errors = []
+        for e in exc.errors():
+            message = str(e.get("msg"))
+            reason = (e.get("ctx") or {}).get("error")
+            if e.get("type") == "json_invalid" and reason:
+                message = f"{message}: {reason}"
+            errors.append({"loc": list(e.get("loc", ())), "msg": message, "type": e.get("type")})
         return JSONResponse({"detail": errors}, status_code=422)
 
     def health() -> JSONResponse:
@@ -161,7 +145,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
             try:
                 result = await engine.execute(request, on_output)
             except BadRequestError as exc:
-                raise HTTPException(422, str(exc)) from exc
+                raise _error(("body",), str(exc)) from exc
         metrics.executions.labels(request.language.value, result.status.value).inc()
         return result
 
@@ -172,7 +156,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
         code = body.code
         check_code_size(code)
         result = await execute(ExecutionRequest(language=body.language, code=code, arguments=body.arguments))
-        return _json(RunResponse.from_result(result))
+        return _json(result, native=False)
 
     def native_request(body: ExecuteRequest) -> ExecutionRequest:
         check_code_size(body.code)
@@ -192,7 +176,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
         try:
             engine.limits_for(native)  # 422 now, not in the middle of a stream
         except BadRequestError as exc:
-            raise HTTPException(422, str(exc)) from exc
+            raise _error(("body", "limits"), str(exc)) from exc
         return native
 
     @app.post("/v1/execute", response_model=ExecuteResponse, summary="Run code with per-request limits and inputs")
@@ -200,7 +184,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
         if (limited := check_rate(request)) is not None:
             return limited
         result = await execute(native_request(body))
-        return _json(ExecuteResponse.from_result(result))
+        return _json(result, native=True)
 
     @app.post(
         "/v1/execute/stream",
@@ -238,7 +222,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
                 while not chunks.empty():
                     stream, text = chunks.get_nowait()
                     yield f"event: {stream}\ndata: {json.dumps(text)}\n\n"
-                answer = ExecuteResponse.from_result(run.result()).model_dump_json()
+                answer = dumps(result_to_json(run.result(), native=True))
                 yield f"event: result\ndata: {answer}\n\n"
                 return
 

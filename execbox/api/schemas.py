@@ -1,13 +1,21 @@
-"""Wire models of the HTTP API: RAGFlow's /run contract and the native /v1 API."""
+"""Wire models of the HTTP API: RAGFlow's /run contract and the native /v1 API.
+
+The answers are built by :mod:`execbox.wire` (the one place that turns a result into
+JSON); the models here document them in OpenAPI and validate requests strictly: every
+refused value is a 422 whose ``loc`` names the field.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from execbox import wire
 from execbox.models import (
     ExecutionResult,
     Language,
@@ -17,7 +25,29 @@ from execbox.models import (
     UnauthorizedAccessType,
 )
 
-__all__ = ["ArtifactOut", "ExecuteRequest", "ExecuteResponse", "LimitsIn", "RunRequest", "RunResponse", "decode_code"]
+__all__ = [
+    "MIN_MEMORY_BYTES",
+    "ArtifactOut",
+    "ExecuteRequest",
+    "ExecuteResponse",
+    "LimitsIn",
+    "RunRequest",
+    "RunResponse",
+    "SkippedArtifactOut",
+    "decode_code",
+]
+
+#: the smallest per-request memory limit (below it no interpreter starts; the kernel takes pages)
+MIN_MEMORY_BYTES = 16 << 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(value: str, what: str) -> str:
+    """``value`` if it is valid Unicode text (no lone surrogate, so it encodes as UTF-8)."""
+    if (found := _SURROGATE.search(value)) is not None:
+        raise ValueError(f"{what} holds a lone surrogate (U+{ord(found.group()):04X}) at index {found.start()}, "
+                         "which is not valid Unicode text")
+    return value
 
 
 def decode_code(code_b64: str) -> str:
@@ -59,6 +89,13 @@ class ArtifactOut(BaseModel):
     content_b64: str
 
 
+class SkippedArtifactOut(BaseModel):
+    """A file under artifacts/ that is not in ``artifacts``, and why."""
+
+    name: str
+    reason: str
+
+
 class RunResponse(BaseModel):
     """RAGFlow's ``/run`` answer (also for every failure of the user's program)."""
 
@@ -77,12 +114,7 @@ class RunResponse(BaseModel):
 
     @classmethod
     def from_result(cls, result: ExecutionResult) -> RunResponse:
-        data = result.model_dump(include=set(cls.model_fields) - {"artifacts"})
-        data["artifacts"] = [
-            ArtifactOut(name=a.name, mime_type=a.mime_type, size=a.size, content_b64=a.content_b64)
-            for a in result.artifacts
-        ]
-        return cls(**data)
+        return cls.model_validate(wire.result_to_json(result))
 
 
 class LimitsIn(BaseModel):
@@ -90,9 +122,11 @@ class LimitsIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    wall_time_s: float | None = Field(None, gt=0)
-    memory_bytes: int | None = Field(None, gt=0)
-    output_bytes: int | None = Field(None, gt=0)
+    wall_time_s: float | None = Field(None, gt=0, le=86400, description="seconds, above 0")
+    memory_bytes: int | None = Field(
+        None, ge=MIN_MEMORY_BYTES, le=1 << 50, description=f"bytes, at least {MIN_MEMORY_BYTES} (16 MiB)"
+    )
+    output_bytes: int | None = Field(None, ge=1, le=1 << 40, description="bytes of stdout + stderr, at least 1")
 
 
 class ExecuteRequest(BaseModel):
@@ -108,16 +142,48 @@ class ExecuteRequest(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
     limits: LimitsIn | None = None
 
+    @field_validator("code", "stdin")
+    @classmethod
+    def _valid_text(cls, value: str) -> str:
+        return _encodable(value, "the text")
+
+    @field_validator("env")
+    @classmethod
+    def _valid_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            if not key:
+                raise ValueError("an environment variable name must not be empty")
+            if "=" in key or "\0" in key:
+                raise ValueError(f"environment variable name {key!r} must not contain '=' or NUL")
+            if "\0" in item:
+                raise ValueError(f"the value of environment variable {key!r} must not contain NUL")
+            _encodable(key, f"environment variable name {key!r}")
+            _encodable(item, f"the value of environment variable {key!r}")
+        return value
+
     @field_validator("files")
     @classmethod
     def _valid_files(cls, value: dict[str, str]) -> dict[str, str]:
         for name, content in value.items():
-            if not name or name.startswith("/") or ".." in name.split("/"):
-                raise ValueError(f"file name {name!r} must be a relative path inside the workspace")
+            _encodable(name, "a file name")
+            if "\0" in name:
+                raise ValueError(f"file name {name!r} must not contain NUL")
+            normal = os.path.normpath(name) if name else ""
+            if not name or name.startswith("/") or ".." in name.split("/") or normal in (".", "") or name.endswith("/"):
+                raise ValueError(f"file name {name!r} must be a relative path of a file inside the workspace")
+            if normal == "artifacts":
+                raise ValueError("file name 'artifacts' is the directory where the program saves its artifacts")
             try:
                 base64.b64decode(content, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise ValueError(f"file {name!r} is not valid base64") from exc
+        normals = {os.path.normpath(name) for name in value}
+        for normal in normals:
+            parent = os.path.dirname(normal)
+            while parent:
+                if parent in normals:
+                    raise ValueError(f"file {parent!r} is also a directory of file {normal!r}")
+                parent = os.path.dirname(parent)
         return value
 
 
@@ -126,8 +192,10 @@ class ExecuteResponse(RunResponse):
 
     cpu_time_ms: float | None = None
     backend: str | None = None
+    artifacts_skipped: list[SkippedArtifactOut] = Field(
+        default_factory=list, description="files under artifacts/ left out of artifacts (a cap, a type, a name), and why"
+    )
 
     @classmethod
     def from_result(cls, result: ExecutionResult) -> ExecuteResponse:
-        base = RunResponse.from_result(result).model_dump()
-        return cls(**base, cpu_time_ms=result.cpu_time_ms, backend=result.backend)
+        return cls.model_validate(wire.result_to_json(result, native=True))

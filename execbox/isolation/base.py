@@ -84,6 +84,8 @@ class RunOutcome:
     signal: int | None
     timed_out: bool = False
     output_capped: bool = False
+    #: the program wrote to the driver's report channel what no driver writes (see supervise)
+    report_violation: str | None = None
     oom_killed: bool = False
     wall_time_ms: float = 0.0
     memory_peak_bytes: int | None = None

@@ -1,11 +1,22 @@
 """Drive one run of a started driver: send the request, read output and events under a
-deadline and an output cap. Shared by every backend whose driver talks over pipes."""
+deadline and an output cap. Shared by every backend whose driver talks over pipes.
+
+The verdict is the host's: the driver's report runs in the user's process, so it is
+believed only when it carries this run's token, has the exact shape (see
+``protocol.parse_report``) and the driver is still alive after sending it (a real driver
+blocks until the sandbox is destroyed). A well-framed frame without the token is ignored
+(the real report follows, or the exit status decides); bytes that cannot be framed, or a
+malformed report with the token, stop the run: a verdict about the program
+(``report_violation``), never ``internal_error``.
+"""
 
 from __future__ import annotations
 
 import abc
 import contextlib
 import os
+import secrets
+import select
 import selectors
 import threading
 import time
@@ -33,6 +44,8 @@ class Supervised:
     timed_out: bool
     output_capped: bool
     wall_time_ms: float
+    #: why the report channel was not believed (the program wrote to it), else None
+    violation: str | None = None
 
 
 def wait_ready(events_fd: int, timeout_s: float, reader: FrameReader) -> None:
@@ -68,15 +81,18 @@ def supervise(
     reader: FrameReader,
     on_output: OutputSink | None = None,
     exited_fd: int | None = None,
+    token: str | None = None,
 ) -> Supervised:
     """Run one request to its end: the driver's report, its death, the deadline or the cap.
 
     The driver's death shows as the end of its events channel or, where others hold that
     channel too (the gVisor two walls), as ``exited_fd`` becoming readable. On timeout or
-    output cap, ``kill`` is called and the partial output is kept.
+    output cap, ``kill`` is called and the partial output is kept. With ``token`` (sent in
+    ``payload``), only a report that carries it is believed.
     """
     out = {stdout_fd: bytearray(), stderr_fd: bytearray()}
     report: DriverReport | None = None
+    violation: str | None = None
     timed_out = capped = False
     pending = memoryview(payload)
     start = time.monotonic()
@@ -94,7 +110,7 @@ def supervise(
             sel.register(fd, selectors.EVENT_READ)
         if exited_fd is not None:
             sel.register(exited_fd, selectors.EVENT_READ)
-        while report is None and not capped:
+        while report is None and not capped and violation is None:
             now = time.monotonic()
             if drain_until is not None and (now >= drain_until or not sel.get_map()):
                 break
@@ -129,10 +145,12 @@ def supervise(
                         if control_fd in sel.get_map():
                             sel.unregister(control_fd)
                 elif fd == events_fd:
-                    for message in reader.feed(data):
-                        if message.get("event") != "done":
-                            raise SandboxProtocolError(f"unexpected event {message.get('event')!r}")
-                        report = parse_report(message)
+                    try:
+                        report = _authentic_report(reader.feed(data), token)
+                    except SandboxProtocolError as exc:
+                        violation = str(exc)
+                        kill()
+                        break
                 else:
                     out[fd] += data
                     if on_output is not None:
@@ -143,6 +161,9 @@ def supervise(
                         capped = True
                         kill()
                         break
+    died = _closed(events_fd) or (exited_fd is not None and bool(select.select([exited_fd], [], [], 0)[0]))
+    if report is not None and not capped and died:
+        report = None  # the process ended right after "reporting": not the driver's report
     if report is not None and not capped:
         # the driver flushed before reporting, so its output is already in the pipes
         for fd in (stdout_fd, stderr_fd):
@@ -159,7 +180,31 @@ def supervise(
     if capped:
         stdout = stdout[:output_bytes]
         stderr = stderr[: max(0, output_bytes - len(stdout))]
-    return Supervised(stdout, stderr, report, timed_out, capped, wall_ms)
+    return Supervised(stdout, stderr, report, timed_out, capped, wall_ms, violation)
+
+
+def _authentic_report(messages: list[dict[str, object]], token: str | None) -> DriverReport | None:
+    """The first report among ``messages`` that carries ``token``; frames without it are
+    not the driver's and are ignored; a malformed report with it raises."""
+    for message in messages:
+        if token is not None and not (isinstance(message.get("token"), str) and secrets.compare_digest(
+            str(message["token"]), token
+        )):
+            continue
+        if message.get("event") != "done":
+            raise SandboxProtocolError(f"unexpected event {message.get('event')!r}")
+        return parse_report(message)
+    return None
+
+
+def _closed(fd: int) -> bool:
+    """Whether the other end of ``fd`` is closed already (non-blocking peek)."""
+    try:
+        return os.read(fd, _CHUNK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class SupervisedSandbox(Sandbox):
@@ -239,14 +284,23 @@ class SupervisedSandbox(Sandbox):
         if self._used or self._destroyed:
             raise SandboxError(f"sandbox {self.id} was already used")
         self._used = True
-        self._limit_memory(limits)
+        try:
+            self._limit_memory(limits)
+        except SandboxError:  # the kernel refuses a limit below what the sandbox already uses
+            return RunOutcome(
+                stdout=b"", report=None, exit_code=None, signal=None, oom_killed=True,
+                stderr=f"execbox: the sandbox needs more memory than the limit of {limits.memory_bytes} bytes "
+                "before the program starts\n".encode(),
+            )
         self._renice(0)
+        token = secrets.token_hex(16)
         seen = supervise(
+            token=token,
             control_fd=self._fds["control"],
             events_fd=self._fds["events"],
             stdout_fd=self._fds["stdout"],
             stderr_fd=self._fds["stderr"],
-            payload=encode_request(request),
+            payload=encode_request(request, token),
             wall_time_s=min(limits.wall_time_s, self.spec.wall_time_s),
             output_bytes=min(limits.output_bytes, self.spec.output_bytes),
             kill=self._kill,
@@ -261,7 +315,7 @@ class SupervisedSandbox(Sandbox):
             except TimeoutError:
                 self._kill()
                 exit_code, signal_number = self._exit_status(5.0)
-            if seen.timed_out or seen.output_capped:
+            if seen.timed_out or seen.output_capped or seen.violation:
                 exit_code = signal_number = None  # we killed it: the verdict says why
         oom_killed, memory_peak_bytes, cpu_time_ms = self._usage()
         return RunOutcome(
@@ -272,6 +326,7 @@ class SupervisedSandbox(Sandbox):
             signal=signal_number,
             timed_out=seen.timed_out,
             output_capped=seen.output_capped,
+            report_violation=seen.violation,
             oom_killed=oom_killed,
             wall_time_ms=seen.wall_time_ms,
             memory_peak_bytes=memory_peak_bytes,

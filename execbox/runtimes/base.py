@@ -10,12 +10,19 @@ The two channels are inherited pipes whose numbers the driver reads from the
 environment variables ``EXECBOX_CONTROL_FD`` and ``EXECBOX_EVENTS_FD`` (then removes).
 
 * control, host -> driver: one request
-  ``{"code": str, "arguments": {...}, "stdin": str, "files": {name: b64}, "env": {...}}``
+  ``{"code": str, "arguments": {...}, "stdin": str, "files": {name: b64}, "env": {...},
+  "token": str}``
 * events, driver -> host: ``{"event": "ready"}`` once started, then
-  ``{"event": "done", "exit_code": int, "result": {"present": bool, "value": any} | null,
-  "error_kind": "memory" | "network" | "file" | null, "time_ms": float}``.
-  After "done" the driver blocks until the sandbox is destroyed, so that the host can
-  collect artifacts from a live sandbox.
+  ``{"event": "done", "exit_code": int 0..255, "result": {"present": bool, "value": any} | null,
+  "error_kind": "memory" | "network" | "file" | "result" | null, "time_ms": float,
+  "token": str}``. ``token`` is the request's, returned as it came: the host believes no
+  report without it (user code shares the driver's process and may write on the channel).
+  ``error_kind: "result"`` says main returned a value JSON cannot carry (the reason is on
+  stderr). After "done" the driver blocks until the sandbox is destroyed, so that the
+  host can collect artifacts from a live sandbox.
+
+The drivers keep the channel fds and the token out of the user's reach by name (locals and
+closures, never module globals; the two variables are deleted before user code runs).
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""Turn the raw facts of a run (RunOutcome) into the typed verdict of API.md."""
+"""Turn the raw facts of a run (RunOutcome) into the typed verdict of API.md.
+
+The host decides: time, memory, the output cap, a violated report channel and how the
+process ended are what the host observed; the driver's report (already checked by the
+supervisor) only adds the return value, the error kind of an uncaught exception and the
+time it measured. The reserved exit codes (``execbox.wire``) come only from here and
+from the executor, never from a report (whose exit code is 0..255).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,20 @@ from execbox.models import (
     ResourceLimitType,
     ResultValue,
     RuntimeErrorType,
+    SkippedArtifact,
     Status,
     UnauthorizedAccessType,
+)
+from execbox.wire import (
+    EXIT_BUSY,
+    EXIT_INTERNAL,
+    EXIT_OOM,
+    EXIT_OUTPUT,
+    EXIT_RATE_LIMITED,
+    EXIT_TIMEOUT,
+    EXIT_UNSAFE,
+    ResultRefused,
+    checked_result_value,
 )
 
 __all__ = [
@@ -26,14 +45,6 @@ __all__ = [
     "classify",
     "runner_error",
 ]
-
-EXIT_TIMEOUT = -124
-EXIT_OOM = -137
-EXIT_OUTPUT = -125
-EXIT_UNSAFE = -999
-EXIT_BUSY = -10
-EXIT_RATE_LIMITED = -429
-EXIT_INTERNAL = -3
 
 _KIND_TO_ACCESS = {"network": UnauthorizedAccessType.NETWORK_ACCESS, "file": UnauthorizedAccessType.FILE_ACCESS}
 
@@ -51,16 +62,30 @@ def runner_error(exit_code: int, detail: str, stderr: str) -> ExecutionResult:
     return ExecutionResult(status=Status.PROGRAM_RUNNER_ERROR, exit_code=exit_code, detail=detail, stderr=stderr)
 
 
+def _time_ms(outcome: RunOutcome) -> float:
+    """The driver's measure of the program's time when it is plausible (within the host's
+    wall time of the run), else the host's."""
+    report = outcome.report
+    if report is not None and report.time_ms is not None and 0 <= report.time_ms <= outcome.wall_time_ms:
+        return report.time_ms
+    return outcome.wall_time_ms
+
+
 def classify(
-    outcome: RunOutcome, *, wall_time_s: float, artifacts: tuple[Artifact, ...] = (), backend: str | None = None
+    outcome: RunOutcome,
+    *,
+    wall_time_s: float,
+    artifacts: tuple[Artifact, ...] = (),
+    backend: str | None = None,
+    artifacts_skipped: tuple[SkippedArtifact, ...] = (),
 ) -> ExecutionResult:
-    """The verdict, in order of precedence: time, memory, output cap, the driver's report,
-    then how the process ended (signal, exit status)."""
+    """The verdict, in order of precedence: time, memory, output cap, a violated report
+    channel, the driver's report, then how the process ended (signal, exit status)."""
     stdout, stderr = _text(outcome.stdout), _text(outcome.stderr)
     report = outcome.report
     common = {
         "stdout": stdout,
-        "time_used_ms": round(report.time_ms if report and report.time_ms is not None else outcome.wall_time_ms, 3),
+        "time_used_ms": round(_time_ms(outcome), 3),
         "memory_used_kb": outcome.memory_peak_bytes / 1024 if outcome.memory_peak_bytes is not None else None,
         "cpu_time_ms": round(outcome.cpu_time_ms, 3) if outcome.cpu_time_ms is not None else None,
         "backend": backend,
@@ -81,24 +106,45 @@ def classify(
             status=limit, resource_limit_type=ResourceLimitType.OUTPUT, exit_code=EXIT_OUTPUT,
             detail="output_limit_exceeded", stderr=_append(stderr, "Output limit exceeded"), **common,
         )
+    if outcome.report_violation is not None:
+        return ExecutionResult(
+            status=Status.PROGRAM_ERROR, exit_code=1, detail="report_channel_violation",
+            stderr=_append(stderr, "execbox: the program wrote to the driver's report channel; it was stopped"),
+            **common,
+        )
+    files = {"artifacts": artifacts, "artifacts_skipped": artifacts_skipped}
     if report is not None:
         if report.exit_code == 0:
-            result = ResultValue(present=True, value=report.result.get("value")) if report.result else None
-            return ExecutionResult(status=Status.SUCCESS, stderr=stderr, artifacts=artifacts, result=result, **common)
+            result = None
+            if report.result:
+                try:
+                    result = ResultValue(present=True, value=checked_result_value(report.result.get("value")))
+                except ResultRefused as exc:
+                    return ExecutionResult(
+                        status=Status.PROGRAM_ERROR, exit_code=1, detail="invalid_result",
+                        stderr=_append(stderr, f"ValueError: main() returned a value execbox cannot carry: {exc}"),
+                        **files, **common,
+                    )
+            return ExecutionResult(status=Status.SUCCESS, stderr=stderr, result=result, **files, **common)
+        if report.error_kind == "result":
+            return ExecutionResult(
+                status=Status.PROGRAM_ERROR, exit_code=report.exit_code or 1, detail="invalid_result",
+                stderr=stderr, **files, **common,
+            )
         if report.error_kind == "memory":
             return ExecutionResult(
                 status=limit, resource_limit_type=ResourceLimitType.MEMORY, exit_code=report.exit_code,
-                detail="memory_error", stderr=stderr, artifacts=artifacts, **common,
+                detail="memory_error", stderr=stderr, **files, **common,
             )
         access = _KIND_TO_ACCESS.get(report.error_kind or "")
         if access is not None:
             return ExecutionResult(
                 status=Status.UNAUTHORIZED_ACCESS, unauthorized_access_type=access, exit_code=report.exit_code,
-                detail=access.value, stderr=stderr, artifacts=artifacts, **common,
+                detail=access.value, stderr=stderr, **files, **common,
             )
         return ExecutionResult(
             status=Status.PROGRAM_ERROR, exit_code=report.exit_code, detail="program_error",
-            stderr=stderr, artifacts=artifacts, **common,
+            stderr=stderr, **files, **common,
         )
     if outcome.signal is not None:
         if outcome.signal == signal.SIGSYS:

@@ -6,6 +6,10 @@
 
 A build is skipped when the packages file and the interpreter are unchanged since the
 last successful build (a stamp file records both), so running it twice is cheap.
+
+A build says what it does as it goes (``progress``, one line a step: which runtime, step
+n of m, the packages being installed, the time taken); pip and npm print their own lines
+(pip: each package as it is collected and installed) between them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import json
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from execbox.errors import RuntimeEnvironmentError
@@ -26,6 +32,23 @@ __all__ = ["SYSTEM_PYTHON", "build_all", "build_runtime", "environment_ready"]
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 _NODE = Path("/usr/bin/node")
 _STAMP = ".execbox-build.json"
+#: receives one line of progress at a time
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _packages(runtime: Runtime) -> list[str]:
+    """The packages a runtime's packages file names (for the progress lines)."""
+    if runtime.packages_file.suffix == ".json":
+        try:
+            return sorted(json.loads(runtime.packages_file.read_text()).get("dependencies", {}))
+        except (OSError, ValueError):
+            return []
+    lines = runtime.packages_file.read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
 def _fingerprint(runtime: Runtime) -> dict[str, str]:
@@ -51,13 +74,18 @@ def _run(argv: list[str], what: str, **kwargs: object) -> None:
         raise RuntimeEnvironmentError(f"{what} failed: {exc}") from exc
 
 
-def _build_python(runtime: Runtime, target: Path) -> None:
+def _build_python(runtime: Runtime, target: Path, progress: Progress) -> None:
     if not SYSTEM_PYTHON.exists():
         raise RuntimeEnvironmentError(f"{SYSTEM_PYTHON} is missing: apt-get install python3 python3-venv")
+    progress(f"python: [1/4] creating a venv of {SYSTEM_PYTHON}")
     _run([str(SYSTEM_PYTHON), "-m", "venv", str(target)], "creating the Python venv (apt-get install python3-venv)")
     pip = [str(target / "bin" / "python3"), "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    _run([*pip, "install", "--quiet", "--no-cache-dir", "-r", str(runtime.packages_file)], "pip install")
+    packages = _packages(runtime)
+    progress(f"python: [2/4] pip install of {len(packages)} packages: {', '.join(packages)}")
+    _run([*pip, "install", "--no-cache-dir", "--progress-bar", "off", "-r", str(runtime.packages_file)], "pip install")
+    progress("python: [3/4] removing pip from the sandbox environment")
     _run([*pip, "uninstall", "--quiet", "--yes", "pip"], "removing pip from the sandbox environment")
+    progress("python: [4/4] preparing matplotlib's font cache")
     cache = target / "mplconfig"
     cache.mkdir()
     env = {"MPLCONFIGDIR": str(cache), "MPLBACKEND": "Agg", "PATH": "/usr/bin:/bin"}
@@ -65,30 +93,33 @@ def _build_python(runtime: Runtime, target: Path) -> None:
     _run([str(target / "bin" / "python3"), "-c", probe], "preparing matplotlib's font cache", env=env)
 
 
-def _build_nodejs(runtime: Runtime, target: Path) -> None:
+def _build_nodejs(runtime: Runtime, target: Path, progress: Progress) -> None:
     npm = shutil.which("npm")
     if not _NODE.exists() or npm is None:
         raise RuntimeEnvironmentError("node and npm are missing: apt-get install nodejs npm")
+    packages = _packages(runtime)
+    progress(f"nodejs: [1/1] npm install of {len(packages)} packages: {', '.join(packages)}")
     target.mkdir(parents=True)
     shutil.copyfile(runtime.packages_file, target / "package.json")
     lock = runtime.packages_file.with_name("package-lock.json")
     if lock.exists():
         shutil.copyfile(lock, target / "package-lock.json")
-    _run([npm, "install", "--omit=dev", "--no-audit", "--no-fund", "--loglevel=error"], "npm install", cwd=target)
+    _run([npm, "install", "--omit=dev", "--no-audit", "--no-fund", "--loglevel=notice"], "npm install", cwd=target)
 
 
-def build_runtime(runtime: Runtime, runtime_dir: Path, force: bool = False) -> bool:
+def build_runtime(runtime: Runtime, runtime_dir: Path, force: bool = False, progress: Progress = _quiet) -> bool:
     """Build one environment; returns False when it was already up to date."""
     if not force and environment_ready(runtime, runtime_dir):
         return False
+    started = time.monotonic()
     target = runtime.env_dir(runtime_dir)
     staging = target.with_name(target.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
     if runtime.language is Language.PYTHON:
-        _build_python(runtime, staging)
+        _build_python(runtime, staging, progress)
     else:
-        _build_nodejs(runtime, staging)
+        _build_nodejs(runtime, staging, progress)
     (staging / _STAMP).write_text(json.dumps(_fingerprint(runtime)))
     for path in [staging, *staging.rglob("*")]:  # sandboxes run as other uids: world-readable
         if not path.is_symlink():
@@ -99,9 +130,18 @@ def build_runtime(runtime: Runtime, runtime_dir: Path, force: bool = False) -> b
         os.rename(target, old)
     os.rename(staging, target)
     shutil.rmtree(old, ignore_errors=True)
+    progress(f"{runtime.name}: built in {time.monotonic() - started:.1f}s")
     return True
 
 
-def build_all(runtime_dir: Path, force: bool = False) -> dict[str, bool]:
+def build_all(runtime_dir: Path, force: bool = False, progress: Progress = _quiet) -> dict[str, bool]:
     """Build every runtime environment; maps runtime name -> whether it was (re)built."""
-    return {rt.name: build_runtime(rt, runtime_dir, force) for rt in RUNTIMES.values()}
+    built = {}
+    runtimes = list(RUNTIMES.values())
+    for number, runtime in enumerate(runtimes, 1):
+        if not force and environment_ready(runtime, runtime_dir):
+            built[runtime.name] = False
+            continue
+        progress(f"building runtime {number} of {len(runtimes)}: {runtime.name} in {runtime.env_dir(runtime_dir)}")
+        built[runtime.name] = build_runtime(runtime, runtime_dir, force=True, progress=progress)
+    return built

@@ -13,10 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from execbox.artifacts import collect_artifacts
-from execbox.errors import BadRequestError, ExecboxError, PoolBusyError
+from execbox.artifacts import collect_artifacts_report
+from execbox.errors import BadRequestError, ExecboxError, PoolBusyError, RuntimeEnvironmentError
 from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, Sandbox
-from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits
+from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits, SkippedArtifact
 from execbox.policy import inspect_code
 from execbox.pool import PoolStats, SandboxPool
 from execbox.runtimes import RUNTIMES, get_runtime
@@ -31,10 +31,25 @@ from execbox.service.classify import (
 from execbox.service.specs import sandbox_spec
 from execbox.settings import CodeCheckMode, Settings
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "check_environments"]
 
 log = logging.getLogger("execbox.executor")
 executions_log = logging.getLogger("execbox.executions")
+
+
+def check_environments(settings: Settings, languages: tuple[Language, ...] = tuple(RUNTIMES)) -> list[str]:
+    """Warnings for the runtime environments that are missing; RuntimeEnvironmentError,
+    with the command that builds them, when none of ``languages`` has one."""
+    missing = [rt for rt in map(get_runtime, languages) if not rt.env_dir(settings.runtime_dir).is_dir()]
+    build = "build them with `execbox build` (or `make build`)"
+    if missing and len(missing) == len(languages):
+        names = ", ".join(rt.name for rt in missing)
+        raise RuntimeEnvironmentError(f"no runtime environment ({names}) is built under {settings.runtime_dir}: {build}")
+    return [
+        f"the {rt.name} runtime environment is missing at {rt.env_dir(settings.runtime_dir)}: "
+        f"{rt.name} requests cannot run; {build}"
+        for rt in missing
+    ]
 
 
 class Executor:
@@ -58,11 +73,16 @@ class Executor:
         self._build_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="execbox-build")
         self._closing = False
 
+    def _check_environments(self) -> None:
+        self.warnings.extend(check_environments(self.settings, self._languages))
+
     async def start(self) -> None:
         """Pick and check the backend, reap a crashed predecessor's leftovers, fill the pools."""
         loop = asyncio.get_running_loop()
+        self._check_environments()
         if self.backend is None:
-            self.backend, self.warnings = await loop.run_in_executor(self._build_threads, select_backend, self.settings)
+            self.backend, warnings = await loop.run_in_executor(self._build_threads, select_backend, self.settings)
+            self.warnings.extend(warnings)
         reaped = await loop.run_in_executor(self._build_threads, self.backend.reap)
         if reaped:
             log.warning("reaped %d sandbox(es) left by a previous run", reaped)
@@ -149,7 +169,7 @@ class Executor:
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
         try:
             loop = asyncio.get_running_loop()
-            outcome, artifacts = await loop.run_in_executor(
+            outcome, artifacts, skipped = await loop.run_in_executor(
                 self._run_threads, _run_in_sandbox, sandbox, request, limits, on_output
             )
         except ExecboxError as exc:
@@ -157,7 +177,10 @@ class Executor:
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
         finally:
             pool.release(sandbox)
-        return classify(outcome, wall_time_s=limits.wall_time_s, artifacts=artifacts, backend=sandbox.backend_name)
+        return classify(
+            outcome, wall_time_s=limits.wall_time_s, artifacts=artifacts, artifacts_skipped=skipped,
+            backend=sandbox.backend_name,
+        )
 
     def _log(self, request: ExecutionRequest, result: ExecutionResult, started: float) -> None:
         record = {
@@ -168,7 +191,7 @@ class Executor:
             "time_used_ms": result.time_used_ms,
             "memory_used_kb": result.memory_used_kb,
             "total_ms": round((time.perf_counter() - started) * 1000, 3),
-            "code_bytes": len(request.code.encode()),
+            "code_bytes": len(request.code.encode("utf-8", "surrogatepass")),
             "stdout_bytes": len(result.stdout),
             "stderr_bytes": len(result.stderr),
             "artifacts": len(result.artifacts),
@@ -179,10 +202,11 @@ class Executor:
 
 def _run_in_sandbox(
     sandbox: Sandbox, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None
-) -> tuple[RunOutcome, tuple[Artifact, ...]]:
+) -> tuple[RunOutcome, tuple[Artifact, ...], tuple[SkippedArtifact, ...]]:
     """Blocking: run, then collect artifacts from the still-live sandbox if the program finished."""
     outcome = sandbox.run(request, limits, on_output)
     artifacts: tuple[Artifact, ...] = ()
+    skipped: tuple[SkippedArtifact, ...] = ()
     if outcome.report is not None:
         try:
             workspace = sandbox.open_workspace()
@@ -190,7 +214,7 @@ def _run_in_sandbox(
             log.warning("cannot open the workspace of sandbox %s: %s", sandbox.id, exc)
         else:
             try:
-                artifacts = collect_artifacts(workspace)
+                artifacts, skipped = collect_artifacts_report(workspace)
             finally:
                 os.close(workspace)
-    return outcome, artifacts
+    return outcome, artifacts, skipped

@@ -4,134 +4,262 @@
  *
  * Says "ready" on its events fd, waits for one request on its control fd, loads the user's code as a
  * CommonJS module (with or without `module.exports = { main };`), calls
- * `main(arguments)` (sync or async) and reports the outcome on fd 4. stdout and stderr
+ * `main(arguments)` (sync or async) and reports the outcome on its events fd. stdout and stderr
  * are exactly what the program printed. After the report it blocks until the host
  * destroys the sandbox. Node's standard library only.
+ *
+ * - The channel fds and the request's token live in this function's closure, never in
+ *   module scope, globals, require.cache or the environment (EXECBOX_*_FD are deleted
+ *   first). The host believes only a report that carries the token.
+ * - stdout and stderr write synchronously (fs.writeSync): a write to a pipe is otherwise
+ *   asynchronous in Node, and what is still queued when main returns (or process.exit is
+ *   called) would be lost; synchronous writes also let the host's output cap stop a
+ *   program that writes without end. Before the report the driver also waits for both
+ *   streams to drain (worker threads' output reaches them through the main thread).
+ * - Tracebacks are printed without the driver's own frames and Node's module loader.
  */
-const fs = require('fs');
-const Module = require('module');
-const path = require('path');
+(function driver() {
+  const fs = require('fs');
+  const Module = require('module');
+  const path = require('path');
 
-const CONTROL_FD = Number(process.env.EXECBOX_CONTROL_FD || 3);
-const EVENTS_FD = Number(process.env.EXECBOX_EVENTS_FD || 4);
-delete process.env.EXECBOX_CONTROL_FD;
-delete process.env.EXECBOX_EVENTS_FD;
-const USER_FILE = path.join(process.cwd(), 'main.js');
-const NETWORK_CODES = new Set(['EAFNOSUPPORT', 'ENETUNREACH', 'ECONNREFUSED', 'EHOSTUNREACH', 'EAI_AGAIN',
-  'ENOTFOUND', 'EADDRNOTAVAIL', 'ETIMEDOUT', 'ECONNRESET', 'ERR_NETWORK']);
-const FILE_CODES = new Set(['EACCES', 'EPERM', 'EROFS']);
+  const CONTROL_FD = Number(process.env.EXECBOX_CONTROL_FD || 3);
+  const EVENTS_FD = Number(process.env.EXECBOX_EVENTS_FD || 4);
+  delete process.env.EXECBOX_CONTROL_FD;
+  delete process.env.EXECBOX_EVENTS_FD;
+  const USER_FILE = path.join(process.cwd(), 'main.js');
+  const DRIVER_FILE = __filename;
+  const MAX_RESULT_DEPTH = 100; // the same caps as the host's (execbox.wire)
+  const MAX_RESULT_BYTES = 16 << 20;
+  const NETWORK_CODES = new Set(['EAFNOSUPPORT', 'ENETUNREACH', 'ECONNREFUSED', 'EHOSTUNREACH', 'EAI_AGAIN',
+    'ENOTFOUND', 'EADDRNOTAVAIL', 'ETIMEDOUT', 'ECONNRESET', 'ERR_NETWORK']);
+  const FILE_CODES = new Set(['EACCES', 'EPERM', 'EROFS']);
+  let token = null;
+  let finished = false;
 
-function readExact(size) {
-  const buf = Buffer.alloc(size);
-  let off = 0;
-  while (off < size) {
-    const n = fs.readSync(CONTROL_FD, buf, off, size - off, null);
-    if (n === 0) throw new Error('control channel closed');
-    off += n;
+  const SLEEPER = new Int32Array(new SharedArrayBuffer(4));
+
+  /** Write all of ``chunk`` to ``fd`` now (waiting out EAGAIN on a non-blocking pipe). */
+  function writeAllSync(fd, chunk, encoding) {
+    const data = typeof chunk === 'string' ? Buffer.from(chunk, typeof encoding === 'string' ? encoding : 'utf8')
+      : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+    let off = 0;
+    while (off < data.length) {
+      try {
+        off += fs.writeSync(fd, data, off, data.length - off);
+      } catch (err) {
+        if (err.code !== 'EAGAIN') throw err;
+        Atomics.wait(SLEEPER, 0, 0, 1);
+      }
+    }
   }
-  return buf;
-}
 
-function recv() {
-  return JSON.parse(readExact(readExact(4).readUInt32BE(0)).toString('utf8'));
-}
-
-function send(message) {
-  const body = Buffer.from(JSON.stringify(message), 'utf8');
-  const head = Buffer.alloc(4);
-  head.writeUInt32BE(body.length, 0);
-  const data = Buffer.concat([head, body]);
-  let off = 0;
-  while (off < data.length) off += fs.writeSync(EVENTS_FD, data, off, data.length - off);
-}
-
-function errorKind(err) {
-  const seen = new Set();
-  const stack = [err];
-  while (stack.length) {
-    const e = stack.pop();
-    if (!e || typeof e !== 'object' || seen.has(e)) continue;
-    seen.add(e);
-    if (e instanceof RangeError && /allocation failed|Invalid array length|out of memory/i.test(e.message)) return 'memory';
-    if (NETWORK_CODES.has(e.code)) return 'network';
-    if (FILE_CODES.has(e.code)) return 'file';
-    stack.push(e.cause, e.error);
-    if (Array.isArray(e.errors)) stack.push(...e.errors);
+  // stdout and stderr write synchronously: nothing is queued in the process, whatever
+  // libuv does with the pipe (gVisor's host pipes ignore setBlocking), so nothing is lost
+  // when main returns or the program exits, and the host's output cap sees every byte.
+  for (const [stream, fd] of [[process.stdout, 1], [process.stderr, 2]]) {
+    if (stream._handle && typeof stream._handle.setBlocking === 'function') stream._handle.setBlocking(true);
+    stream.write = function write(chunk, encoding, callback) {
+      if (typeof encoding === 'function') { callback = encoding; encoding = undefined; }
+      try {
+        writeAllSync(fd, chunk, encoding);
+      } catch (err) {
+        if (err.code !== 'EPIPE') throw err; // the host stopped reading: the run is ending
+      }
+      if (typeof callback === 'function') process.nextTick(callback);
+      return true;
+    };
   }
-  return null;
-}
 
-function prepare(request) {
-  for (const [name, content] of Object.entries(request.files || {})) {
-    const target = path.normalize(name);
-    if (path.isAbsolute(target) || target.startsWith('..')) continue;
-    fs.mkdirSync(path.dirname(target), { recursive: true });
-    fs.writeFileSync(target, Buffer.from(content, 'base64'));
+  function readExact(size) {
+    const buf = Buffer.alloc(size);
+    let off = 0;
+    while (off < size) {
+      const n = fs.readSync(CONTROL_FD, buf, off, size - off, null);
+      if (n === 0) throw new Error('control channel closed');
+      off += n;
+    }
+    return buf;
   }
-  Object.assign(process.env, request.env || {});
-}
 
-function loadMain(code) {
-  const mod = new Module(USER_FILE, null);
-  mod.filename = USER_FILE;
-  mod.paths = Module._nodeModulePaths(process.cwd()).concat((process.env.NODE_PATH || '').split(':').filter(Boolean));
-  const exporter = '\n;if (typeof main === "function" && !(module.exports && typeof module.exports.main === "function"))' +
-    ' { if (module.exports === null || typeof module.exports !== "object") module.exports = {}; module.exports.main = main; }\n';
-  mod._compile(code + exporter, USER_FILE);
-  const exported = mod.exports;
-  if (typeof exported === 'function') return exported;
-  return exported && typeof exported.main === 'function' ? exported.main : null;
-}
+  function recv() {
+    return JSON.parse(readExact(readExact(4).readUInt32BE(0)).toString('utf8'));
+  }
 
-async function run(request) {
-  let main;
-  try {
-    main = loadMain(request.code);
-  } catch (err) {
-    process.stderr.write(String((err && err.stack) || err) + '\n');
-    return { exitCode: 1, result: null, kind: errorKind(err) };
+  function send(message) {
+    const body = Buffer.from(JSON.stringify(message), 'utf8');
+    const head = Buffer.alloc(4);
+    head.writeUInt32BE(body.length, 0);
+    const data = Buffer.concat([head, body]);
+    let off = 0;
+    while (off < data.length) off += fs.writeSync(EVENTS_FD, data, off, data.length - off);
   }
-  if (!main) {
-    process.stderr.write('ReferenceError: the code defines no function main()\n');
-    return { exitCode: 1, result: null, kind: null };
+
+  function errorKind(err) {
+    const seen = new Set();
+    const stack = [err];
+    while (stack.length) {
+      const e = stack.pop();
+      if (!e || typeof e !== 'object' || seen.has(e)) continue;
+      seen.add(e);
+      if (e instanceof RangeError && /allocation failed|Invalid array length|out of memory/i.test(e.message)) return 'memory';
+      if (NETWORK_CODES.has(e.code)) return 'network';
+      if (FILE_CODES.has(e.code)) return 'file';
+      stack.push(e.cause, e.error);
+      if (Array.isArray(e.errors)) stack.push(...e.errors);
+    }
+    return null;
   }
-  try {
-    const value = await main(request.arguments || {});
+
+  /** The error's stack without the driver's frames and Node's module loader. */
+  function describe(err) {
+    let text;
+    try {
+      text = String((err && err.stack) || err);
+    } catch (_) {
+      text = 'Error (cannot be printed)';
+    }
+    return text.split('\n').filter((line) => !(/^\s+at /.test(line) &&
+      (line.includes(DRIVER_FILE) || line.includes('node:internal/modules/')))).join('\n');
+  }
+
+  function printError(err) {
+    process.stderr.write(describe(err) + '\n');
+  }
+
+  function prepare(request) {
+    try {
+      for (const [name, content] of Object.entries(request.files || {})) {
+        const target = path.normalize(name);
+        if (path.isAbsolute(target) || target.startsWith('..') || target === '.') continue;
+        fs.mkdirSync(path.dirname(target), { recursive: true });
+        fs.writeFileSync(target, Buffer.from(content, 'base64'));
+      }
+      Object.assign(process.env, request.env || {});
+      return true;
+    } catch (err) {
+      process.stderr.write(`execbox: cannot prepare the input files or environment: ${err.message}\n`);
+      return false;
+    }
+  }
+
+  function loadMain(code) {
+    const mod = new Module(USER_FILE, null);
+    mod.filename = USER_FILE;
+    mod.paths = Module._nodeModulePaths(process.cwd()).concat((process.env.NODE_PATH || '').split(':').filter(Boolean));
+    const exporter = '\n;if (typeof main === "function" && !(module.exports && typeof module.exports.main === "function"))' +
+      ' { if (module.exports === null || typeof module.exports !== "object") module.exports = {}; module.exports.main = main; }\n';
+    mod._compile(code + exporter, USER_FILE);
+    const exported = mod.exports;
+    if (typeof exported === 'function') return exported;
+    return exported && typeof exported.main === 'function' ? exported.main : null;
+  }
+
+  /** Nesting depth of a JSON text (brackets outside strings). */
+  function depthOf(text) {
+    let depth = 0;
+    let deepest = 0;
+    let inString = false;
+    for (let i = 0; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      if (inString) {
+        if (c === 92) i++; // backslash: skip the escaped character
+        else if (c === 34) inString = false;
+      } else if (c === 34) inString = true;
+      else if (c === 91 || c === 123) { depth++; if (depth > deepest) deepest = depth; }
+      else if (c === 93 || c === 125) depth--;
+    }
+    return deepest;
+  }
+
+  /** {result} or {problem} for the value main returned (JSON.stringify's rules: NaN -> null). */
+  function encodeResult(value) {
     let encoded;
     try {
       encoded = JSON.stringify(value === undefined ? null : value);
     } catch (err) {
-      process.stderr.write(`TypeError: main() returned a value that is not JSON-serialisable: ${err.message}\n`);
+      return { problem: `TypeError: main() returned a value that is not JSON-serialisable: ${err.message}` };
+    }
+    if (encoded === undefined) encoded = 'null'; // a function or a symbol
+    if (depthOf(encoded) > MAX_RESULT_DEPTH) {
+      return { problem: `ValueError: main() returned a value execbox cannot carry: the value is nested deeper than ${MAX_RESULT_DEPTH} levels` };
+    }
+    const size = Buffer.byteLength(encoded, 'utf8');
+    if (size > MAX_RESULT_BYTES) {
+      return { problem: `ValueError: main() returned ${size} bytes of JSON, more than ${MAX_RESULT_BYTES}` };
+    }
+    return { result: { present: true, value: JSON.parse(encoded) } };
+  }
+
+  async function run(request) {
+    let main;
+    try {
+      main = loadMain(request.code);
+    } catch (err) {
+      printError(err);
+      return { exitCode: 1, result: null, kind: errorKind(err) };
+    }
+    if (!main) {
+      process.stderr.write('ReferenceError: the code defines no function main()\n');
       return { exitCode: 1, result: null, kind: null };
     }
-    return { exitCode: 0, result: { present: true, value: JSON.parse(encoded) }, kind: null };
-  } catch (err) {
-    process.stderr.write(String((err && err.stack) || err) + '\n');
-    return { exitCode: 1, result: null, kind: errorKind(err) };
+    try {
+      const value = await main(request.arguments || {});
+      const { result, problem } = encodeResult(value);
+      if (problem) {
+        process.stderr.write(problem + '\n');
+        return { exitCode: 1, result: null, kind: 'result' };
+      }
+      return { exitCode: 0, result, kind: null };
+    } catch (err) {
+      printError(err);
+      return { exitCode: 1, result: null, kind: errorKind(err) };
+    }
   }
-}
 
-function finish(outcome, started) {
-  send({
-    event: 'done', exit_code: outcome.exitCode, result: outcome.result, error_kind: outcome.kind,
-    time_ms: Number(process.hrtime.bigint() - started) / 1e6,
-  });
-  try { fs.readSync(CONTROL_FD, Buffer.alloc(1), 0, 1, null); } finally { process.reallyExit(outcome.exitCode); }
-}
+  function report(outcome, started) {
+    if (finished) return;
+    finished = true;
+    const message = {
+      event: 'done', exit_code: outcome.exitCode, result: outcome.result, error_kind: outcome.kind,
+      time_ms: Number(process.hrtime.bigint() - started) / 1e6,
+    };
+    if (token !== null) message.token = token;
+    send(message);
+    try { fs.readSync(CONTROL_FD, Buffer.alloc(1), 0, 1, null); } finally { process.reallyExit(outcome.exitCode); }
+  }
 
-function driver() {
-  fs.mkdirSync('artifacts', { recursive: true });
-  send({ event: 'ready' });
-  const request = recv();
-  prepare(request);
-  const started = process.hrtime.bigint();
-  const realExit = process.exit.bind(process);
-  process.exit = (code) => finish({ exitCode: (code === undefined ? (process.exitCode || 0) : code) & 0xff, result: null, kind: null }, started) || realExit(code);
-  process.on('uncaughtException', (err) => {
-    process.stderr.write(String((err && err.stack) || err) + '\n');
-    finish({ exitCode: 1, result: null, kind: errorKind(err) }, started);
-  });
-  run(request).then((outcome) => finish(outcome, started));
-}
+  /** Report once stdout and stderr have written everything queued (blocking: at once). */
+  function finish(outcome, started) {
+    let pending = 2;
+    const done = () => { if (--pending === 0) report(outcome, started); };
+    for (const stream of [process.stdout, process.stderr]) {
+      if (stream.writableLength === 0 || stream.destroyed) done();
+      else stream.write('', done);
+    }
+  }
 
-driver();
+  function main() {
+    fs.mkdirSync('artifacts', { recursive: true });
+    send({ event: 'ready' });
+    const request = recv();
+    token = typeof request.token === 'string' ? request.token : null;
+    delete request.token;
+    const started = process.hrtime.bigint();
+    if (!prepare(request)) {
+      finish({ exitCode: 1, result: null, kind: null }, started);
+      return;
+    }
+    process.exit = (code) => {
+      const exitCode = Number(code === undefined ? (process.exitCode || 0) : code) & 0xff;
+      report({ exitCode, result: null, kind: null }, started);
+    };
+    process.on('uncaughtException', (err) => {
+      printError(err);
+      report({ exitCode: 1, result: null, kind: errorKind(err) }, started);
+    });
+    run(request).then((outcome) => finish(outcome, started));
+  }
+
+  main();
+})();

@@ -2,20 +2,114 @@
 
 Started by the sandbox, it imports the preloaded modules, says ``ready`` on its events fd,
 waits for one request on its control fd, runs ``main(**arguments)`` (``async def main`` too) and reports
-the outcome on fd 4. stdout and stderr are exactly what the program printed. After the
+the outcome on its events fd. stdout and stderr are exactly what the program printed. After the
 report it blocks until the host destroys the sandbox. Standard library only.
+
+The channel fds and the request's token live in locals of :func:`serve` (and closures
+made there), never in module globals or the environment: user code cannot reach them by
+name (``sys.modules["driver"]``, ``__main__``, ``os.environ``). The host believes only a
+report that carries the token (see ``execbox.isolation.supervise``).
+
+What ``main`` returns becomes JSON as a data user expects (see :func:`_plain`): numpy
+scalars as numbers, arrays as (nested) lists, a DataFrame as a list of row objects, a
+Series as a list (default index) or an object keyed by its index, timestamps and dates as
+ISO 8601 strings, NaN/NaT/NA and infinities as null.
 """
 
 import json
+import math
 import os
 import sys
 import time
 
-CONTROL_FD = 3
-EVENTS_FD = 4
 USER_FILE = "main.py"
+#: the same caps as the host's (execbox.wire): deeper or larger results are refused here first
+MAX_RESULT_DEPTH = 100
+MAX_RESULT_BYTES = 16 << 20
 _NETWORK_ERRNOS = {97, 101, 111, 113, 99, 110}  # EAFNOSUPPORT ENETUNREACH ECONNREFUSED EHOSTUNREACH EADDRNOTAVAIL ETIMEDOUT
 _FILE_ERRNOS = {1, 13, 30}  # EPERM EACCES EROFS
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _key(key):
+    """An object key as json.dumps writes it (numpy and pandas keys too)."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool | int | float):
+        return json.dumps(key if not isinstance(key, float) or math.isfinite(key) else None)
+    try:
+        converted = _convert(key)
+    except TypeError:
+        return str(key)
+    if converted is key or isinstance(converted, dict | list):
+        return str(key)
+    return _key(converted)
+
+
+def _convert(value):
+    """One step of conversion of a non-JSON value, or TypeError."""
+    kind = type(value)
+    module = kind.__module__ or ""
+    if module.startswith("numpy"):
+        if hasattr(value, "tolist"):  # ndarray and numpy scalars (np.int64, np.float64, np.bool_ ...)
+            return value.tolist()
+    if module.startswith("pandas"):
+        name = kind.__name__
+        if name == "DataFrame":
+            return value.to_dict(orient="records")
+        if name == "Series":
+            index = value.index
+            if type(index).__name__ == "RangeIndex" and index.start == 0 and index.step == 1:
+                return value.tolist()
+            return {_key(k): v for k, v in value.items()}
+        if name in ("NaTType", "NAType"):
+            return None
+        if hasattr(value, "isoformat"):  # Timestamp, Timedelta
+            return value.isoformat()
+        if hasattr(value, "tolist"):  # Index, Categorical ...
+            return value.tolist()
+    if hasattr(value, "isoformat") and module == "datetime":
+        return value.isoformat()
+    if kind.__name__ == "Decimal":
+        return float(value)
+    raise TypeError(f"Object of type {kind.__name__} is not JSON serializable")
+
+
+def _plain(value, depth=0):
+    """A JSON value for what main returned; _Refused when too deep, TypeError for no form."""
+    while True:
+        if value is None or isinstance(value, bool | int | str):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if depth >= MAX_RESULT_DEPTH:
+            raise _Refused(f"the value is nested deeper than {MAX_RESULT_DEPTH} levels")
+        if isinstance(value, dict):
+            return {_key(k): _plain(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [_plain(v, depth + 1) for v in value]
+        converted = _convert(value)
+        if converted is value:
+            raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+        value = converted
+
+
+def _encode_result(value):
+    """(result, None) or (None, message) for the value main returned."""
+    try:
+        plain = _plain(value)
+        size = len(json.dumps(plain, allow_nan=False))
+    except _Refused as exc:
+        return None, f"ValueError: main() returned a value execbox cannot carry: {exc}"
+    except (TypeError, ValueError, RecursionError) as exc:
+        return None, (f"TypeError: main() returned a value of type {type(value).__name__} "
+                      f"that is not JSON-serialisable: {exc}")
+    if size > MAX_RESULT_BYTES:
+        return None, f"ValueError: main() returned {size} bytes of JSON, more than {MAX_RESULT_BYTES}"
+    return {"present": True, "value": plain}, None
 
 
 def _read_exact(fd, size):
@@ -29,16 +123,23 @@ def _read_exact(fd, size):
     return b"".join(chunks)
 
 
-def _recv():
-    size = int.from_bytes(_read_exact(CONTROL_FD, 4), "big")
-    return json.loads(_read_exact(CONTROL_FD, size))
+def _channel(control_fd, events_fd):
+    """(recv, send, wait) bound to the channel fds, which stay in their closures."""
 
+    def recv():
+        size = int.from_bytes(_read_exact(control_fd, 4), "big")
+        return json.loads(_read_exact(control_fd, size))
 
-def _send(message):
-    data = json.dumps(message).encode()
-    data = len(data).to_bytes(4, "big") + data
-    while data:
-        data = data[os.write(EVENTS_FD, data):]
+    def send(message):
+        data = json.dumps(message).encode()
+        data = len(data).to_bytes(4, "big") + data
+        while data:
+            data = data[os.write(events_fd, data):]
+
+    def wait():
+        os.read(control_fd, 1)
+
+    return recv, send, wait
 
 
 def _error_kind(exc):
@@ -76,20 +177,31 @@ def _print_exception(exc):
 
 
 def _prepare(request):
+    """Write the input files and set the environment; False (said on stderr) if impossible."""
     import base64
 
     for name, content in (request.get("files") or {}).items():
         path = os.path.normpath(name)
-        if path.startswith(("/", "..")):
+        if path.startswith(("/", "..")) or path == ".":
             continue
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(base64.b64decode(content))
-    os.environ.update(request.get("env") or {})
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(base64.b64decode(content))
+        except (OSError, ValueError) as exc:
+            print(f"execbox: cannot write the input file {name!r}: {exc}", file=sys.stderr)
+            return False
+    for key, value in (request.get("env") or {}).items():
+        try:
+            os.environ[key] = value
+        except (OSError, ValueError) as exc:
+            print(f"execbox: cannot set the environment variable {key!r}: {exc}", file=sys.stderr)
+            return False
     if request.get("stdin"):
         import io
 
-        sys.stdin = io.TextIOWrapper(io.BytesIO(request["stdin"].encode()), encoding="utf-8")
+        sys.stdin = io.TextIOWrapper(io.BytesIO(request["stdin"].encode("utf-8", "replace")), encoding="utf-8")
+    return True
 
 
 def _run(request):
@@ -113,16 +225,11 @@ def _run(request):
                 return await awaitable
 
             value = asyncio.run(_await(value))
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError) as exc:
-            print(
-                f"TypeError: main() returned a value of type {type(value).__name__} "
-                f"that is not JSON-serialisable: {exc}",
-                file=sys.stderr,
-            )
-            return 1, None, None
-        return 0, {"present": True, "value": value}, None
+        result, problem = _encode_result(value)
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return 1, None, "result"
+        return 0, result, None
     except SystemExit as exc:
         code = exc.code
         if code is None:
@@ -151,8 +258,10 @@ def preload():
 
 def serve(control_fd, events_fd):
     """Say ready, run one request, report, then block until the sandbox is destroyed."""
-    global CONTROL_FD, EVENTS_FD
-    CONTROL_FD, EVENTS_FD = control_fd, events_fd
+    for name in ("EXECBOX_CONTROL_FD", "EXECBOX_EVENTS_FD"):
+        os.environ.pop(name, None)
+    recv, send, wait = _channel(control_fd, events_fd)
+    del control_fd, events_fd
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True, errors="backslashreplace")
     cache = os.environ.pop("EXECBOX_MPL_CACHE", "")
@@ -163,23 +272,31 @@ def serve(control_fd, events_fd):
             with open(os.path.join(cache, name), "rb") as src, open(os.path.join(target, name), "wb") as dst:
                 dst.write(src.read())
     os.makedirs("artifacts", exist_ok=True)
-    _send({"event": "ready"})
-    request = _recv()
-    _prepare(request)
+    send({"event": "ready"})
+    request = recv()
+    token = request.pop("token", None)
     started = time.perf_counter()
-    exit_code, result, kind = _run(request)
+    if _prepare(request):
+        exit_code, result, kind = _run(request)
+    else:
+        exit_code, result, kind = 1, None, None
+    del request
     elapsed_ms = (time.perf_counter() - started) * 1000.0
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
-    _send({"event": "done", "exit_code": exit_code, "result": result, "error_kind": kind, "time_ms": elapsed_ms})
+    report = {"event": "done", "exit_code": exit_code, "result": result, "error_kind": kind, "time_ms": elapsed_ms}
+    if token is not None:
+        report["token"] = token
+    del token
+    send(report)
     try:
-        os.read(CONTROL_FD, 1)  # block until the host destroys the sandbox
+        wait()  # block until the host destroys the sandbox
     finally:
         os._exit(exit_code)
 
 
 if __name__ == "__main__":
-    serve(int(os.environ.pop("EXECBOX_CONTROL_FD")), int(os.environ.pop("EXECBOX_EVENTS_FD")))
+    serve(int(os.environ.pop("EXECBOX_CONTROL_FD", "3")), int(os.environ.pop("EXECBOX_EVENTS_FD", "4")))
