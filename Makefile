@@ -37,7 +37,14 @@ HEALTH_URL := http://$(HEALTH_HOST):$(PORT)/healthz
 # Debian packages the backends need: package -> a file that proves it is installed.
 REQUIRED_PACKAGES := bubblewrap:/usr/bin/bwrap util-linux:/usr/bin/prlimit curl:/usr/bin/curl
 # runsc (gVisor) is optional: without it the service falls back to the namespaces backend.
-OPTIONAL_PACKAGES := runsc:/usr/bin/runsc
+# A runsc is good enough when it offers the systrap platform and starts a sandbox on it
+# (Debian 12's own runsc, of 2022, does not: its sandboxes cannot hold the two walls);
+# otherwise, on Debian 12, `make setup` installs the current one from bookworm-backports,
+# pinned so that nothing else comes from there.
+RUNSC_OK = [ -x /usr/bin/runsc ] && timeout 10 /usr/bin/runsc help platforms 2>/dev/null | grep -qx systrap \
+           && timeout 60 /usr/bin/runsc --root /run/execbox-runsc-probe --network=none --platform=systrap do /bin/true >/dev/null 2>&1
+BACKPORTS_LIST := /etc/apt/sources.list.d/execbox-bookworm-backports.list
+BACKPORTS_PIN  := /etc/apt/preferences.d/execbox-runsc
 
 ifeq ($(shell id -u),0)
 SUDO :=
@@ -73,9 +80,7 @@ system-packages:
 	[ -x /usr/bin/python3 ] || missing="$$missing python3"; \
 	if [ ! -x /usr/bin/node ]; then missing="$$missing nodejs"; [ -x /usr/bin/npm ] || missing="$$missing npm"; \
 	elif [ ! -x /usr/bin/npm ]; then missing="$$missing npm"; fi; \
-	for entry in $(OPTIONAL_PACKAGES); do \
-	  [ -e "$${entry#*:}" ] || optional="$$optional $${entry%%:*}"; \
-	done; \
+	$(RUNSC_OK) || optional="runsc"; \
 	if [ -z "$$missing$$optional" ]; then echo "setup: system packages present"; exit 0; fi; \
 	if ! command -v apt-get >/dev/null; then \
 	  echo "setup: missing:$$missing$$optional; install them with your package manager (apt-get not found)" >&2; \
@@ -89,9 +94,18 @@ system-packages:
 	echo "setup: installing$$missing$$optional"; \
 	$(SUDO) apt-get update -qq; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi; \
+	if [ -n "$$optional" ] && grep -qs 'VERSION_CODENAME=bookworm' /etc/os-release; then \
+	  echo "setup: installing runsc (gVisor) from bookworm-backports (only runsc is taken from there)"; \
+	  grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/ \
+	    || echo 'deb http://deb.debian.org/debian bookworm-backports main' | $(SUDO) tee $(BACKPORTS_LIST) >/dev/null; \
+	  printf 'Package: *\nPin: release n=bookworm-backports\nPin-Priority: 100\n\nPackage: runsc\nPin: release n=bookworm-backports\nPin-Priority: 990\n' \
+	    | $(SUDO) tee $(BACKPORTS_PIN) >/dev/null; \
+	  $(SUDO) apt-get update -qq; \
+	fi; \
 	if [ -n "$$optional" ]; then \
 	  $(SUDO) apt-get install -y -qq --no-install-recommends $$optional \
 	    || echo "setup: could not install$$optional (optional: gVisor backend); the namespaces backend will be used" >&2; \
+	  $(RUNSC_OK) || echo "setup: this runsc cannot hold two walls (no working systrap platform); the gvisor backend will run single-use sandboxes or the namespaces backend will be used; see README: Installing gVisor" >&2; \
 	fi
 
 venv:

@@ -33,8 +33,21 @@ from execbox.models import ExecutionRequest, ExecutionResult, Language, Limits, 
 from execbox.service.backends import BACKEND_NAMES as KNOWN_BACKENDS
 from execbox.settings import Settings
 
-#: every backend execbox can build (unavailable ones are skipped, with the reason)
-BACKEND_NAMES = tuple(dict.fromkeys(("namespaces", "gvisor", *KNOWN_BACKENDS)))
+#: every backend execbox can build, in every mode: the namespaces backend with each launcher
+#: (fork server, bwrap) and gVisor with two walls (a pool of 1, so that successive executions
+#: really share one gVisor sandbox) and single-use; unavailable ones are skipped, with the reason
+BACKEND_VARIANTS: dict[str, dict[str, Any]] = {
+    "namespaces": {},
+    "namespaces-bwrap": {"forkserver": False},
+    "gvisor": {},
+    "gvisor-single": {"gvisor_executions_per_sandbox": 1},
+}
+BACKEND_NAMES = tuple(dict.fromkeys((*BACKEND_VARIANTS, *KNOWN_BACKENDS)))
+
+
+def base_backend(variant: str) -> str:
+    """The backend a variant is a mode of (``gvisor-single`` -> ``gvisor``)."""
+    return variant.split("-", 1)[0]
 #: the limits the suites rely on, fixed here rather than taken from the environment (other
 #: settings, e.g. SANDBOX_ENABLE_NETWORK or SANDBOX_FORKSERVER, are the configured ones)
 SANDBOX_SETTINGS = {
@@ -87,13 +100,15 @@ class CreatedSandboxes:
             return [sid for name, sid in self.items if name == backend_name]
 
     def record(self, backend: IsolationBackend) -> None:
-        """Wrap ``backend.create`` (an instance attribute shadows the method) to note each id."""
+        """Wrap ``backend.create`` (an instance attribute shadows the method) to note each id:
+        the host-side sandbox's (with gVisor's two walls, the long-lived gVisor sandbox's)."""
         create = backend.create
+        variant = getattr(backend, "variant", backend.name)
 
         def recording_create(spec: Any) -> Sandbox:
             sandbox = create(spec)
             with self.lock:
-                self.items.append((backend.name, sandbox.id))
+                self.items.append((variant, getattr(sandbox, "container_id", sandbox.id)))
             return sandbox
 
         backend.create = recording_create  # type: ignore[method-assign]
@@ -107,6 +122,13 @@ class SandboxRunner:
     executor: Any
     backend_name: str
     settings: Settings
+
+    @property
+    def inner_wall(self) -> bool:
+        """Whether executions run in the fork server's / bwrap's inner sandbox (with the built-in
+        seccomp filter): the namespaces backend, and gVisor with two walls."""
+        backend = self.executor.backend
+        return backend.name == "namespaces" or getattr(backend, "mode", "") == "two-walls"
 
     def limits(self, **overrides: Any) -> Limits:
         """The server's limits with some fields lowered (within Executor.limits_for's maxima)."""
@@ -219,8 +241,10 @@ def sandbox_backend(
     from execbox.service.backends import build_backend
 
     try:
-        backend = build_backend(backend_name, sandbox_settings)
+        settings = sandbox_settings.model_copy(update=BACKEND_VARIANTS.get(backend_name, {}))
+        backend = build_backend(base_backend(backend_name), settings)
         backend.check()
+        backend.variant = backend_name  # type: ignore[attr-defined]
     except (BackendUnavailableError, ImportError) as exc:
         _backend_unavailable[backend_name] = str(exc) or type(exc).__name__
         pytest.skip(f"{backend_name} backend unavailable: {_backend_unavailable[backend_name]}")

@@ -308,6 +308,8 @@ class GVisorExecution(SupervisedSandbox):
             release=contextlib.ExitStack(),
         )  # fmt: skip
         self.host = host
+        #: the host-side sandbox this execution lives in
+        self.container_id = host.id
         self.pid = pid
         self.init_pid = init_pid
         self.uid = uid

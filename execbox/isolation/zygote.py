@@ -157,7 +157,7 @@ def _build_root(root, plan, uid):
     _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def _move_fds(fds, first):
+def _renumber(fds, first):
     """dup ``fds`` to ``first``, ``first + 1``, ... (safe when the numbers overlap)."""
     high = [os.dup(fd) for fd in fds]
     for index, fd in enumerate(high):
@@ -180,7 +180,7 @@ def _child(config, request, fds, driver):
     os.dup2(null, 0)
     os.dup2(fds[2], 1)
     os.dup2(fds[3], 2)
-    control, events = _move_fds(fds[:2], 3)
+    control, events = _renumber(fds[:2], 3)
     os.closerange(5, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     for name, value in request["rlimits"].items():
         resource.setrlimit(_RLIMITS[name], (value, value))
@@ -520,9 +520,16 @@ def main():
         factory_end.close()
     if driver is not None:
         os.environ["EXECBOX_PRELOAD"] = config.get("preload", "")
-        # matplotlib, if preloaded, reads the font cache prepared by `execbox build` (never the host's /tmp)
-        if os.environ.get("EXECBOX_MPL_CACHE"):
-            os.environ["MPLCONFIGDIR"] = os.environ["EXECBOX_MPL_CACHE"]
+        # matplotlib, if preloaded, reads the font cache prepared by `execbox build` (never the host's
+        # /tmp); it wants a writable directory, else it rebuilds the cache: a private copy
+        cache = os.environ.get("EXECBOX_MPL_CACHE")
+        if cache and os.path.isdir(cache):
+            private = os.path.join(config["root"], ".mplconfig")
+            os.makedirs(private, exist_ok=True)
+            for name in os.listdir(cache):
+                with open(os.path.join(cache, name), "rb") as src, open(os.path.join(private, name), "wb") as dst:
+                    dst.write(src.read())
+            os.environ["MPLCONFIGDIR"] = private
         driver.preload()
         gc.collect()
         gc.freeze()  # preloaded objects stay out of the children's collections: fewer copy-on-write faults

@@ -97,7 +97,7 @@ def test_sigterm_finishes_in_flight_work_and_leaves_nothing(service: Service) ->
 
         sandbox_children = [
             c for c in children_of(pid)
-            if any(word in command_of(c) for word in ("bwrap", "prlimit", "zygote", "runsc"))
+            if any(word in command_of(c) for word in ("bwrap", "prlimit", "zygote", "sandbox-init", "runsc"))
         ]
         assert sandbox_children, "the service has no sandbox processes to clean up"
         assert processes_with_uid(service.uid_range), "no process runs with the service's sandbox uids"

@@ -71,7 +71,7 @@ def main():
 
 
 def _assert_refused(executor: SandboxRunner, result: ExecutionResult, name: str) -> None:
-    if executor.backend_name == "namespaces":
+    if executor.inner_wall:
         # the seccomp filter kills the program: a verdict, not a crash of the driver
         assert result.status is Status.UNAUTHORIZED_ACCESS, executor.describe(result)
         assert result.unauthorized_access_type is UnauthorizedAccessType.DISALLOWED_SYSCALL
@@ -133,7 +133,7 @@ def test_driver_survives_seccomp_denial_in_a_child(executor: SandboxRunner) -> N
         """
     )
     assert result.status is Status.SUCCESS, executor.describe(result)
-    if executor.backend_name == "namespaces":
+    if executor.inner_wall:
         assert result.result is not None and result.result.value == {"signalled": True, "signal": 31}
     executor.assert_still_works()
 
@@ -159,6 +159,6 @@ def test_nodejs_cannot_spawn_a_privileged_helper(executor: SandboxRunner) -> Non
     )
     assert result.status is Status.SUCCESS, executor.describe(result)
     for command, outcome in result.result.value.items():  # type: ignore[union-attr]
-        if executor.backend_name == "namespaces" or command != "unshare":
+        if executor.inner_wall or command != "unshare":
             assert outcome.startswith("failed"), f"{command} worked inside the sandbox: {outcome}"
     executor.assert_still_works(("python", "nodejs"))

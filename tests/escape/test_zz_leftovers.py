@@ -69,7 +69,7 @@ def _cgroup_dirs(ids: list[str]) -> list[str]:
 #: what the backends start on the host (other children of the test process, e.g. the HTTP
 #: services of tests/api, are not sandboxes and are left to their own fixtures)
 MACHINERY_COMMS = ("bwrap", "prlimit", "runsc", "exe", "node", "python3", "python")
-MACHINERY_CMDLINES = ("bwrap", "prlimit", "runsc", "zygote.py", "driver.py", "driver.js", "forkserver")
+MACHINERY_CMDLINES = ("bwrap", "prlimit", "runsc", "zygote.py", "sandbox-init", "driver.py", "driver.js", "forkserver")
 
 
 def _is_sandbox_machinery(pid_dir: Path, cmdline: str) -> bool:
