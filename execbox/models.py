@@ -74,14 +74,14 @@ class _Frozen(BaseModel):
 
 
 class Limits(_Frozen):
-    """Resource limits of one execution; every unit is in the name."""
+    """The limits one execution may set for itself (each at most the server's), every one
+    applied per execution; every unit is in the name. Processes, disk and CPU share are the
+    server's (SANDBOX_MAX_PIDS, SANDBOX_MAX_DISK, SANDBOX_CPUS), applied to every sandbox
+    when it is prepared, before any request exists."""
 
     wall_time_s: float = Field(gt=0)
     memory_bytes: int = Field(gt=0)
     output_bytes: int = Field(gt=0)
-    pids_max: int = Field(gt=0)
-    disk_bytes: int = Field(gt=0)
-    cpus: float = Field(gt=0)
 
 
 class ExecutionRequest(_Frozen):

@@ -260,9 +260,6 @@ class Settings(BaseSettings):
             wall_time_s=self.timeout,
             memory_bytes=self.max_memory,
             output_bytes=self.max_output,
-            pids_max=self.max_pids,
-            disk_bytes=self.max_disk,
-            cpus=self.cpus,
         )
 
 

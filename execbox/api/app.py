@@ -38,6 +38,8 @@ from execbox.wire import EXIT_RATE_LIMITED, dumps, result_to_json
 __all__ = ["create_app"]
 
 log = logging.getLogger("execbox.api")
+#: how often a waiting request checks that its client is still connected
+_DISCONNECT_POLL_S = 0.25
 RATE_LIMITED_MESSAGE = "Too many requests, please try again later"
 
 
@@ -64,6 +66,11 @@ def _json(result: ExecutionResult, *, native: bool) -> Response:
 def _error(loc: tuple[str | int, ...], message: str, kind: str = "value_error") -> RequestValidationError:
     """A 422 in the shape of every other one (``detail`` a list, ``loc`` naming the field)."""
     return RequestValidationError([{"loc": loc, "msg": message, "type": kind}])
+
+
+def _gone() -> Response:
+    """For a client that is no longer there (nothing reads it; 499 as nginx logs it)."""
+    return Response(status_code=499)
 
 
 def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
@@ -118,6 +125,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
         body: dict[str, Any] = {
             "status": "ok" if serving else "starting",
             "backend": engine.backend_name,
+            "isolation": engine.backend_info,
             "warnings": engine.warnings,
             "pools": [s.__dict__ for s in stats],
         }
@@ -149,14 +157,33 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
         metrics.executions.labels(request.language.value, result.status.value).inc()
         return result
 
+    async def execute_for(client: Request, request: ExecutionRequest) -> ExecutionResult | None:
+        """Run ``request`` while ``client`` is connected; None once it went away (a closed
+        connection, RAGFlow's own request timeout): the program is stopped and its sandbox
+        freed at once, instead of running to its time limit for nobody."""
+        task = asyncio.ensure_future(execute(request))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await client.is_disconnected():
+                    log.info("client went away: stopping its %s execution", request.language.value)
+                    return None
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
     @app.post("/run", response_model=RunResponse, summary="Run code (RAGFlow's contract)")
     async def run(body: RunRequest, request: Request) -> Any:
         if (limited := check_rate(request)) is not None:
             return limited
         code = body.code
         check_code_size(code)
-        result = await execute(ExecutionRequest(language=body.language, code=code, arguments=body.arguments))
-        return _json(result, native=False)
+        result = await execute_for(request, ExecutionRequest(language=body.language, code=code, arguments=body.arguments))
+        return _gone() if result is None else _json(result, native=False)
 
     def native_request(body: ExecuteRequest) -> ExecutionRequest:
         check_code_size(body.code)
@@ -183,8 +210,8 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
     async def execute_v1(body: ExecuteRequest, request: Request) -> Any:
         if (limited := check_rate(request)) is not None:
             return limited
-        result = await execute(native_request(body))
-        return _json(result, native=True)
+        result = await execute_for(request, native_request(body))
+        return _gone() if result is None else _json(result, native=True)
 
     @app.post(
         "/v1/execute/stream",
@@ -210,6 +237,16 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
 
         async def events() -> AsyncIterator[str]:
             run = asyncio.ensure_future(execute(native, on_output))
+            try:
+                async for event in stream(run):
+                    yield event
+            finally:  # the client went away mid-stream: stop the program, free its sandbox
+                if not run.done():
+                    run.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await run
+
+        async def stream(run: asyncio.Future[ExecutionResult]) -> AsyncIterator[str]:
             while True:
                 getter = asyncio.ensure_future(chunks.get())
                 await asyncio.wait({getter, run}, return_when=asyncio.FIRST_COMPLETED)
@@ -232,6 +269,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> FastAPI:
     async def info() -> dict[str, Any]:
         return {
             "backend": engine.backend_name,
+            "isolation": engine.backend_info,
             "warnings": engine.warnings,
             "limits": settings.default_limits().model_dump(),
             "code_check": settings.code_check.value,

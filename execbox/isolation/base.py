@@ -116,6 +116,10 @@ class Sandbox(abc.ABC):
     def alive(self) -> bool:
         """Whether the sandbox is still usable (its driver waits for a request)."""
 
+    def abort(self) -> None:
+        """Stop a running program at once, from any thread (its run then returns soon); the
+        sandbox must still be destroyed."""
+
     @abc.abstractmethod
     def destroy(self) -> None:
         """Kill everything inside and release every host resource; idempotent."""
@@ -137,6 +141,10 @@ class IsolationBackend(abc.ABC):
     @abc.abstractmethod
     def reap(self) -> int:
         """Remove what a crashed service left behind; returns how many items were reaped."""
+
+    def describe(self) -> dict[str, Any]:
+        """What this backend is and how it runs sandboxes (for /healthz and /v1/info)."""
+        return {}
 
     def close(self) -> None:
         """Release backend-wide resources."""

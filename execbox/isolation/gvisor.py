@@ -48,30 +48,23 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
-from execbox.isolation.cgroups import Cgroup, CgroupManager
-from execbox.isolation.gvisor_host import GVisorExecution, GVisorHost, HostLayout
+from execbox.isolation.cgroups import CgroupManager
+from execbox.isolation.gvisor_host import SENTRY_MEMORY_BYTES, GVisorExecution, GVisorHost, HostLayout
+from execbox.isolation.gvisor_single import GVisorSandbox, start_single_use
 from execbox.isolation.hostproc import (
-    close_all,
-    kill_pidfd,
-    kill_process,
-    mount_tmpfs,
-    read_available,
     remove_workspace,
 )
 from execbox.isolation.oci import (
     SeccompProfileError,
     SystemBind,
-    build_config,
     docker_profile_to_oci,
     load_docker_profile,
     make_mount_points,
@@ -79,21 +72,14 @@ from execbox.isolation.oci import (
     probe_config,
 )
 from execbox.isolation.owners import is_orphan, sandbox_name
-from execbox.isolation.protocol import FrameReader
 from execbox.isolation.rootfs import mount_plan, publish_etc
 from execbox.isolation.seccomp import build_filter_fd
-from execbox.isolation.supervise import SupervisedSandbox, wait_ready
 from execbox.runtimes import RUNTIME_MOUNT
 
 __all__ = ["PIDS_BACKSTOP", "SENTRY_MEMORY_BYTES", "GVisorBackend", "GVisorSandbox"]
 
 log = logging.getLogger("execbox.gvisor")
 
-#: memory allowed on top of the execution's limit for the sentry, gofer and ptrace stubs
-SENTRY_MEMORY_BYTES = 32 << 20
-#: memory a long-lived gVisor sandbox may take while it starts and holds its fork server
-#: (Python with pandas preloaded), before an execution's own limit applies
-HOST_MEMORY_BYTES = 768 << 20
 #: a long-lived gVisor sandbox no execution took for this long is closed
 IDLE_HOST_S = 5.0
 _IDLE_CHECK_S = 1.0
@@ -117,79 +103,6 @@ _INNER_PROBE = (
     "st=os.waitpid(pid,0)[1]\n"
     "print('inner-isolated' if st==0 and not os.path.exists('/tmp/probe') else 'inner-shared')\n"
 )
-
-
-class GVisorSandbox(SupervisedSandbox):
-    backend_name = "gvisor"
-
-    def __init__(
-        self,
-        spec: SandboxSpec,
-        sandbox_id: str,
-        *,
-        process: subprocess.Popen[bytes],
-        sentry_pidfd: int,
-        cgroup: Cgroup,
-        fds: dict[str, int],
-        reader: FrameReader,
-        workspace_dir: Path,
-        delete_state: Callable[[str], None],
-        release: contextlib.ExitStack,
-    ) -> None:
-        super().__init__(spec, sandbox_id, cgroup=cgroup, fds=fds, reader=reader, release=release)
-        self._process = process
-        self._sentry_pidfd = sentry_pidfd
-        self._workspace_dir = workspace_dir
-        self._delete_state = delete_state
-
-    def _kill(self) -> None:
-        """SIGKILL the sentry: every process of the sandbox ends with it."""
-        kill_pidfd(self._sentry_pidfd)
-
-    def _running(self) -> bool:
-        return self._process.poll() is None
-
-    def _host_threads(self) -> list[int]:
-        """The sentry's threads (in the cgroup) and those of runsc and its gofer (outside it)."""
-        tids = set(self.cgroup.threads())
-        pending = [self._process.pid]
-        while pending:
-            pid = pending.pop()
-            with contextlib.suppress(OSError):
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    tids.add(int(task))
-                    with contextlib.suppress(OSError):
-                        pending += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-        return sorted(tids)
-
-    def _set_memory_limit(self, memory_bytes: int) -> None:
-        self.cgroup.set_memory_limit(memory_bytes + SENTRY_MEMORY_BYTES)
-
-    def _exit_status(self, timeout_s: float) -> tuple[int | None, int | None]:
-        try:
-            status = self._process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired as exc:
-            raise TimeoutError(f"sandbox {self.id} still running") from exc
-        # runsc exits with the driver's status, or 128 + the signal that ended it
-        # (137 also when the sentry itself was SIGKILLed: OOM, or by us); < 0: runsc was killed
-        if status > 128 or status < 0:
-            return None, status - 128 if status > 128 else -status
-        return status, None
-
-    def open_workspace(self) -> int:
-        """The host-side workspace tmpfs: the very files the sandbox sees at /workspace."""
-        if self._destroyed or self._process.poll() is not None:
-            raise SandboxError(f"sandbox {self.id} has ended; its workspace is gone")
-        return os.open(self._workspace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-
-    def _teardown(self) -> None:
-        self._kill()
-        try:
-            self._process.wait(timeout=10)  # runsc deletes the container's state and its cgroups
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(timeout=10)
-        self._delete_state(self.id)
 
 
 class GVisorBackend(IsolationBackend):
@@ -412,7 +325,7 @@ class GVisorBackend(IsolationBackend):
         return HostLayout(
             runsc_argv=self._argv, delete_state=self._delete_state, bundles=self._bundles, work=self._work,
             rootfs=rootfs, cgroups=self._cgroups, uid_base=self._uid_range[0], uid_count=self._uid_range[1],
-            pids_backstop=PIDS_BACKSTOP, sentry_memory_bytes=SENTRY_MEMORY_BYTES + HOST_MEMORY_BYTES,
+            pids_backstop=PIDS_BACKSTOP, sentry_memory_bytes=SENTRY_MEMORY_BYTES,
         )  # fmt: skip
 
     def _create_inner(self, spec: SandboxSpec) -> Sandbox:
@@ -494,59 +407,8 @@ class GVisorBackend(IsolationBackend):
         rootfs, binds = self._layout_paths()
         with self._lock:
             make_mount_points(rootfs, spec)
-        sandbox_id = sandbox_name("gv")
-        bundle, workspace = self._bundles / sandbox_id, self._work / sandbox_id
-        memory_limit_bytes = spec.memory_bytes + SENTRY_MEMORY_BYTES
-        with contextlib.ExitStack() as stack:
-            bundle.mkdir()
-            stack.callback(shutil.rmtree, bundle, True)
-            workspace.mkdir()
-            stack.callback(remove_workspace, workspace)
-            mount_tmpfs(workspace, spec.workspace_bytes, self._uid)
-            cgroup = self._cgroups.create(sandbox_id, memory_limit_bytes, PIDS_BACKSTOP, spec.cpus)
-            stack.callback(cgroup.remove)
-            config = build_config(
-                spec, uid=self._uid, rootfs=rootfs, system_binds=binds, workspace_dir=workspace,
-                cgroups_path=f"/{self._cgroups.parent}/{sandbox_id}", memory_limit_bytes=memory_limit_bytes,
-                pids_limit=PIDS_BACKSTOP, seccomp=seccomp,
-            )  # fmt: skip
-            (bundle / "config.json").write_text(json.dumps(config))
-            fds: dict[str, int] = {}
-            stack.callback(close_all, fds)
-            host_end, sandbox_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            fds["control"], fds["channel"] = host_end.detach(), sandbox_end.detach()
-            fds["events"] = os.dup(fds["control"])  # supervise() wants one fd per direction
-            fds["stdout"], fds["stdout_w"] = os.pipe()
-            fds["stderr"], fds["stderr_w"] = os.pipe()
-            argv = self._argv(
-                *_seccomp_flags(seccomp), f"--log={bundle / 'runsc.log'}", "run",
-                "--bundle", str(bundle), "--pid-file", str(bundle / "sandbox.pid"), sandbox_id,
-            )  # fmt: skip
-            argv = ["/usr/bin/nice", f"--adjustment={spec.warm_nice}", *argv]  # at 0 once leased
-            try:
-                process = subprocess.Popen(
-                    argv, stdin=fds["channel"], stdout=fds["stdout_w"], stderr=fds["stderr_w"],
-                    env={}, start_new_session=True,
-                )  # fmt: skip
-            except OSError as exc:
-                raise SandboxStartError(f"cannot start runsc for sandbox {sandbox_id}: {exc}") from exc
-            stack.callback(self._delete_state, sandbox_id)
-            stack.callback(kill_process, process)
-            for name in ("channel", "stdout_w", "stderr_w"):
-                os.close(fds.pop(name))
-            reader = FrameReader()
-            try:
-                wait_ready(fds["events"], spec.startup_timeout_s, reader)
-                fds["sentry_pidfd"] = os.pidfd_open(int((bundle / "sandbox.pid").read_text()))
-            except (SandboxError, OSError, ValueError) as exc:
-                said = _what_runsc_said(fds["stderr"], bundle / "runsc.log")
-                raise SandboxStartError(f"sandbox {sandbox_id} did not start: {exc}; runsc said: {said}") from exc
-            stack.callback(kill_pidfd, fds["sentry_pidfd"])
-            release = stack.pop_all()
-        return GVisorSandbox(
-            spec, sandbox_id, process=process, sentry_pidfd=fds["sentry_pidfd"], cgroup=cgroup, fds=fds,
-            reader=reader, workspace_dir=workspace, delete_state=self._delete_state, release=release,
-        )  # fmt: skip
+        layout = self._host_layout()
+        return start_single_use(layout, spec, binds, uid=self._uid, seccomp=seccomp, runsc_flags=_seccomp_flags(seccomp))
 
     def _delete_state(self, sandbox_id: str) -> None:
         """``runsc delete --force`` when runsc left state for ``sandbox_id`` (the attached
@@ -624,12 +486,3 @@ def _reap_cgroups(root: Path, parent: str) -> set[str]:
             except OSError:
                 time.sleep(0.02)
     return names
-
-
-def _what_runsc_said(stderr_fd: int, log_path: Path) -> str:
-    """runsc's own complaint on a failed start: its stderr (the sandbox's), else its log."""
-    if said := read_available(stderr_fd):
-        return said
-    with contextlib.suppress(OSError):
-        return log_path.read_text(errors="replace").strip()[-400:]
-    return ""

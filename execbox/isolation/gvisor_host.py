@@ -57,12 +57,15 @@ from execbox.isolation.supervise import SupervisedSandbox, wait_ready
 from execbox.models import Limits
 from execbox.runtimes import DRIVER_MOUNT, RUNTIME_MOUNT, SYSTEM_PYTHON
 
-__all__ = ["GVisorExecution", "GVisorHost", "HostLayout"]
+__all__ = ["FORK_SERVER_MEMORY_BYTES", "SENTRY_MEMORY_BYTES", "GVisorExecution", "GVisorHost", "HostLayout"]
 
 log = logging.getLogger("execbox.gvisor")
 
-#: memory allowed on top of an execution's limit for the sentry's own growth
-EXECUTION_MARGIN_BYTES = 32 << 20
+#: memory allowed on top of an execution's limit for the sentry, gofer and platform stubs
+SENTRY_MEMORY_BYTES = 32 << 20
+#: memory a long-lived gVisor sandbox may take while it starts and holds its fork server
+#: (Python with pandas preloaded), before an execution's own limit applies
+FORK_SERVER_MEMORY_BYTES = 768 << 20
 #: guest fd numbers of the zygote's socket and of the execution channels
 _GUEST_SOCKET_FD = 3
 _GUEST_CHANNEL_FDS = (4, 5, 6, 7)
@@ -121,7 +124,7 @@ class GVisorHost:
             stack.callback(remove_workspace, self.export)
             mount_tmpfs(self.export, spec.workspace_bytes, 0)
             (self.export / _ARTIFACTS).mkdir()
-            limit = spec.memory_bytes + layout.sentry_memory_bytes
+            limit = spec.memory_bytes + layout.sentry_memory_bytes + FORK_SERVER_MEMORY_BYTES
             self.cgroup = layout.cgroups.create(self.id, limit, layout.pids_backstop, spec.cpus)
             stack.callback(self.cgroup.remove)
             fds = self._fds
@@ -339,7 +342,7 @@ class GVisorExecution(SupervisedSandbox):
 
     def _limit_memory(self, limits: Limits) -> None:
         usage = self.cgroup.memory_usage_bytes() or 0
-        self.cgroup.set_memory_limit(usage + limits.memory_bytes + EXECUTION_MARGIN_BYTES)
+        self.cgroup.set_memory_limit(usage + limits.memory_bytes + SENTRY_MEMORY_BYTES)
         self.cgroup.reset_memory_peak()
         self._oom_before = self.cgroup.oom_kills()
         self._cpu_before = self.cgroup.cpu_time_ms()

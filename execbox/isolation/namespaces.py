@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
@@ -176,12 +177,15 @@ class NamespacesBackend(IsolationBackend):
                 raise BackendUnavailableError(f"{tool} is missing: apt-get install util-linux")
         self._cgroups.check()
         self._filter(network=False)
-        probe = subprocess.run(
-            [_BWRAP, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
-             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "/usr/bin/true"],
-            user=self._uid_range[0] + self._uid_range[1] - 1, group=self._uid_range[0] + self._uid_range[1] - 1,
-            extra_groups=[], capture_output=True, env={}, timeout=30, check=False,
-        )
+        try:
+            probe = subprocess.run(
+                [_BWRAP, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
+                 "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "/usr/bin/true"],
+                user=self._uid_range[0] + self._uid_range[1] - 1, group=self._uid_range[0] + self._uid_range[1] - 1,
+                extra_groups=[], capture_output=True, env={}, timeout=30, check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendUnavailableError(f"bwrap did not run a probe sandbox: {exc}") from exc
         if probe.returncode != 0:
             raise BackendUnavailableError(
                 "bwrap cannot create an unprivileged user namespace: "
@@ -418,6 +422,9 @@ class NamespacesBackend(IsolationBackend):
                 return int(json.loads(data)["child-pid"])
         process.poll()
         raise SandboxStartError(f"bwrap of sandbox {sandbox_id} gave no child pid (exit {process.returncode})")
+
+    def describe(self) -> dict[str, Any]:
+        return {"launcher": "fork server" if self._use_forkserver else "bwrap"}
 
     def reap(self) -> int:
         return self._cgroups.reap()

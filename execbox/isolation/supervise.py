@@ -235,6 +235,7 @@ class SupervisedSandbox(Sandbox):
         self._used = False
         self._destroyed = False
         self._lock = threading.Lock()
+        self._run_lock = threading.Lock()
 
     @abc.abstractmethod
     def _kill(self) -> None: ...
@@ -281,9 +282,13 @@ class SupervisedSandbox(Sandbox):
         return not self._used and not self._destroyed and self._running()
 
     def run(self, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None = None) -> RunOutcome:
-        if self._used or self._destroyed:
-            raise SandboxError(f"sandbox {self.id} was already used")
-        self._used = True
+        with self._run_lock:
+            if self._used or self._destroyed:
+                raise SandboxError(f"sandbox {self.id} was already used")
+            self._used = True
+            return self._run(request, limits, on_output)
+
+    def _run(self, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None) -> RunOutcome:
         try:
             self._limit_memory(limits)
         except SandboxError:  # the kernel refuses a limit below what the sandbox already uses
@@ -333,13 +338,20 @@ class SupervisedSandbox(Sandbox):
             cpu_time_ms=cpu_time_ms,
         )
 
+    def abort(self) -> None:
+        if self._used and not self._destroyed:
+            self._kill()
+
     def destroy(self) -> None:
         with self._lock:
             if self._destroyed:
                 return
             self._destroyed = True
-        try:
-            self._renice(self.spec.warm_nice)
-            self._teardown()
-        finally:
-            self._release.close()
+        if self._run_lock.locked():
+            self._kill()  # a run still going on returns now: only then are its fds released
+        with self._run_lock:
+            try:
+                self._renice(self.spec.warm_nice)
+                self._teardown()
+            finally:
+                self._release.close()

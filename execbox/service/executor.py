@@ -12,6 +12,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import Any
 
 from execbox.artifacts import collect_artifacts_report
 from execbox.errors import BadRequestError, ExecboxError, PoolBusyError, RuntimeEnvironmentError
@@ -122,6 +123,11 @@ class Executor:
         return [pool.stats() for pool in self._pools.values()]
 
     @property
+    def backend_info(self) -> dict[str, Any]:
+        """The backend's own description: runsc version, platform and mode for gVisor..."""
+        return self.backend.describe() if self.backend is not None else {}
+
+    @property
     def backend_name(self) -> str | None:
         return self.backend.name if self.backend else None
 
@@ -167,16 +173,21 @@ class Executor:
         except ExecboxError as exc:  # PoolClosedError, or a pool that cannot build sandboxes
             log.error("no sandbox for a %s request: %s", request.language.value, exc)
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._run_threads, _run_in_sandbox, sandbox, request, limits, on_output)
         try:
-            loop = asyncio.get_running_loop()
-            outcome, artifacts, skipped = await loop.run_in_executor(
-                self._run_threads, _run_in_sandbox, sandbox, request, limits, on_output
-            )
-        except ExecboxError as exc:
-            log.error("execution in sandbox %s failed: %s", sandbox.id, exc)
-            return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
-        finally:
+            outcome, artifacts, skipped = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # the caller went away (a closed connection, a client timeout): stop the program
+            # now; the sandbox is released once the worker thread has let go of it
+            sandbox.abort()
+            work.add_done_callback(lambda _: pool.release(sandbox))
+            raise
+        except (ExecboxError, OSError) as exc:
             pool.release(sandbox)
+            log.error("execution in sandbox %s failed: %s", sandbox.id, exc)
+            return runner_error(EXIT_INTERNAL, "internal_error", f"{type(exc).__name__}: {exc}\n")
+        pool.release(sandbox)
         return classify(
             outcome, wall_time_s=limits.wall_time_s, artifacts=artifacts, artifacts_skipped=skipped,
             backend=sandbox.backend_name,
