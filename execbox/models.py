@@ -1,6 +1,6 @@
 """Frozen data shared by every layer: requests, results, verdicts, limits, artifacts.
 
-Field names and status strings follow the RAGFlow ``/run`` contract (see API.md).
+Field names and status strings follow the RAGFlow ``/run`` contract (see docs/api.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Turn the raw facts of a run (RunOutcome) into the typed verdict of API.md.
+"""Turn the raw facts of a run (RunOutcome) into the typed verdict of docs/api.md.
 
 The host decides: time, memory, the output cap, a violated report channel and how the
 process ended are what the host observed; the driver's report (already checked by the

@@ -1,4 +1,4 @@
-"""The special exit codes that need a service configured for them (API.md section 1):
+"""The special exit codes that need a service configured for them (docs/api.md section 1):
 time limit (-124), pool busy (-10), rate limited (-429), internal fault (-3); and the
 verdicts only reachable with the static check off (disallowed syscall, nonzero exit)."""
 

@@ -1,4 +1,4 @@
-"""RAGFlow's ``POST /run`` contract (API.md section 1) against a real service.
+"""RAGFlow's ``POST /run`` contract (docs/api.md section 1) against a real service.
 
 Every verdict a user's program can get, with the field values RAGFlow branches on.
 The rows that need their own service (time limit, pool busy, rate limit, internal
@@ -23,7 +23,7 @@ def run(client: httpx.Client, code: str, language: str | None = None, arguments:
     response = client.post("/run", json=run_body(code, language, arguments))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == RUN_FIELDS, f"fields differ from API.md: {sorted(set(body) ^ RUN_FIELDS)}"
+    assert set(body) == RUN_FIELDS, f"fields differ from docs/api.md: {sorted(set(body) ^ RUN_FIELDS)}"
     return body
 
 

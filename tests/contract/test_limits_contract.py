@@ -1,4 +1,4 @@
-"""Contract: time, memory and output limits give API.md's verdicts, keeping partial output.
+"""Contract: time, memory and output limits give docs/api.md's verdicts, keeping partial output.
 
 Limits are lowered per request (within the server's maxima) rather than with a new Executor.
 """

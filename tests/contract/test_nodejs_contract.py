@@ -1,4 +1,4 @@
-"""Contract: how every backend runs a Node.js program (RAGFlow's /run semantics, API.md)."""
+"""Contract: how every backend runs a Node.js program (RAGFlow's /run semantics, docs/api.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Imports point down only (ARCHITECTURE.md): import-linter's contract, plus a grimp check.
+"""Imports point down only (docs/architecture.md): import-linter's contract, plus a grimp check.
 
 ``lint-imports`` runs the ``layers`` contract of pyproject.toml. The check is shown able
 to fail on a throw-away package that breaks its own layers, and the contract itself is

@@ -143,7 +143,7 @@ def test_memory_error_in_the_program() -> None:
     result = classify(outcome(stderr=b"MemoryError\n", report=report(exit_code=1, kind="memory")), wall_time_s=10)
     assert result.status is Status.RESOURCE_LIMIT_EXCEEDED
     assert result.resource_limit_type is ResourceLimitType.MEMORY
-    assert result.exit_code == 1  # the program's own exit code, per API.md
+    assert result.exit_code == 1  # the program's own exit code, per docs/api.md
     assert result.stderr == "MemoryError\n"
     assert result.detail == "memory_error"
 
