@@ -218,7 +218,7 @@ image: ## build the container image (execbox:latest; IMAGE=... to name it); debi
 	@docker info >/dev/null 2>&1 || { echo "image: no Docker engine answers: start one (systemctl start docker, or dockerd &)" >&2; exit 1; }
 	@docker/debian-base-image.sh $(BASE_IMAGE)
 	@echo "image: building $(IMAGE) (a few minutes the first time)"
-	@docker build --quiet --build-arg EXTRA_CA_CERTS="$$($(PYTHON) docker/extra-ca-certs.py)" -t $(IMAGE) . >/dev/null
+	@docker build --quiet --force-rm --build-arg EXTRA_CA_CERTS="$$($(PYTHON) docker/extra-ca-certs.py)" -t $(IMAGE) . >/dev/null
 	@echo "image: $(IMAGE) built ($$(docker image inspect --format '{{.Size}}' $(IMAGE) | awk '{printf "%.0f MB", $$1/1e6}')); docker compose up -d runs it"
 
 install-service: setup build ensure_env ## install the systemd unit (contrib/systemd/execbox.service) running .venv/bin/execbox serve from this clone

@@ -156,7 +156,7 @@ def execbox_image(docker_engine: Docker) -> str:
     started = time.monotonic()
     run([str(REPO / "docker" / "debian-base-image.sh"), BASE_IMAGE], timeout_s=900)
     base_s = time.monotonic() - started
-    docker_engine("build", "--build-arg", f"EXTRA_CA_CERTS={extra_ca_certificates()}",
+    docker_engine("build", "--force-rm", "--build-arg", f"EXTRA_CA_CERTS={extra_ca_certificates()}",
                   "-t", IMAGE, str(REPO), timeout_s=BUILD_TIMEOUT_S)
     size_mb = int(docker_engine("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout) / 1e6
     print(f"\ndeploy: base image ready in {base_s:.0f} s; {IMAGE} built in "
