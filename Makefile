@@ -3,6 +3,8 @@
 #   make            setup + build + start + test
 #   make start      install what is missing, build the runtimes, run the service on :$(PORT)
 #   make test       install what is missing, run the whole test suite
+#   make image      build the container image execbox:latest (`docker compose up -d` runs it)
+#   make install-service   install the systemd unit that runs this clone's service
 #
 # Every target is idempotent: running it twice is safe and the second run is quick.
 # Meant for Debian/Ubuntu, as root (the namespaces backend needs root for cgroups and
@@ -216,3 +218,31 @@ clean: stop ## stop the service; remove ./run and caches (keeps .venv and the ru
 distclean: clean ## clean, and remove .venv too (runtimes under SANDBOX_STATE_DIR stay)
 	@rm -rf $(VENV) *.egg-info
 	@echo "distclean: removed $(VENV)"
+
+# -- deployment ----------------------------------------------------------------------
+
+IMAGE ?= execbox:latest
+BASE_IMAGE := debian:bookworm-slim
+SERVICE_UNIT := /etc/systemd/system/execbox.service
+
+.PHONY: image install-service
+
+image: ## build the container image (execbox:latest; IMAGE=... to name it); debian:bookworm-slim is built with debootstrap if it cannot be pulled
+	@command -v docker >/dev/null || { echo "image: docker is missing: apt-get install docker.io" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "image: no Docker engine answers: start one (systemctl start docker, or dockerd &)" >&2; exit 1; }
+	@docker/debian-base-image.sh $(BASE_IMAGE)
+	@echo "image: building $(IMAGE) (a few minutes the first time)"
+	@docker build --quiet --force-rm --build-arg EXTRA_CA_CERTS="$$($(PYTHON) docker/extra-ca-certs.py)" -t $(IMAGE) . >/dev/null
+	@echo "image: $(IMAGE) built ($$(docker image inspect --format '{{.Size}}' $(IMAGE) | awk '{printf "%.0f MB", $$1/1e6}')); docker compose up -d runs it"
+
+install-service: setup build ensure_env ## install the systemd unit (contrib/systemd/execbox.service) running .venv/bin/execbox serve from this clone
+	@mkdir -p $(dir $(SERVICE_UNIT))
+	@sed 's|@EXECBOX_DIR@|$(CURDIR)|g' contrib/systemd/execbox.service > $(SERVICE_UNIT).tmp
+	@mv $(SERVICE_UNIT).tmp $(SERVICE_UNIT)
+	@echo "install-service: installed $(SERVICE_UNIT) (execbox from $(CURDIR), settings from $(CURDIR)/.env)"
+	@if [ -d /run/systemd/system ]; then \
+	  systemctl daemon-reload && systemctl enable execbox.service && \
+	  echo "install-service: enabled; start it with: systemctl start execbox (stop a 'make start' service first: make stop)"; \
+	else \
+	  echo "install-service: systemd is not running here; the unit will be used when it is"; \
+	fi
