@@ -52,9 +52,15 @@ class Cgroup(abc.ABC):
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._oom_fds: list[int] = []
 
     @abc.abstractmethod
     def attach(self, pid: int) -> None: ...
+
+    def oom_notifier(self) -> int | None:
+        """An eventfd that becomes readable when the cgroup hits its memory limit (the
+        kernel's OOM notification), made once; None where the kernel offers none."""
+        return None
 
     @abc.abstractmethod
     def set_memory_limit(self, memory_bytes: int) -> None: ...
@@ -106,6 +112,9 @@ class Cgroup(abc.ABC):
     def remove(self) -> None:
         """Kill what is left and remove the cgroup directories; idempotent."""
         self.kill_all()
+        while self._oom_fds:
+            with contextlib.suppress(OSError):
+                os.close(self._oom_fds.pop())
         for path in self._dirs():
             for _ in range(200):
                 try:
@@ -143,6 +152,20 @@ class _CgroupV1(Cgroup):
 
     def oom_kills(self) -> int:
         return _field(_read(self._by_controller["memory"] / "memory.oom_control"), "oom_kill") or 0
+
+    def oom_notifier(self) -> int | None:
+        if self._oom_fds:
+            return self._oom_fds[0]
+        mem = self._by_controller["memory"]
+        try:
+            event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._oom_fds.append(event)
+            control = os.open(mem / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+            self._oom_fds.append(control)
+            _write(mem / "cgroup.event_control", f"{event} {control}")
+        except (OSError, SandboxError):
+            return None
+        return event
 
     def memory_peak_bytes(self) -> int | None:
         text = _read(self._by_controller["memory"] / "memory.max_usage_in_bytes").strip()

@@ -217,6 +217,13 @@ class ForkServer:
         export directory (gVisor); returns how many files it copied."""
         return int(self._ask({"op": "collect", "id": sandbox_id, "pid": pid}, timeout_s=timeout_s)["count"])
 
+    def peak_memory_bytes(self, sandbox_id: str, pid: int) -> int:
+        """The driver's peak resident memory while it is alive (0 once it is gone)."""
+        try:
+            return int(self._ask({"op": "usage", "id": sandbox_id, "pid": pid}, timeout_s=5.0)["hwm_kb"]) * 1024
+        except (SandboxError, KeyError, ValueError):
+            return 0
+
     def running(self, pid: int) -> bool:
         with self._state:
             return self._alive and pid not in self._exits

@@ -82,6 +82,8 @@ log = logging.getLogger("execbox.gvisor")
 
 #: a long-lived gVisor sandbox no execution took for this long is closed
 IDLE_HOST_S = 5.0
+#: how long a request for a sandbox waits for a gVisor sandbox that is being cleaned up
+_FINISHING_WAIT_S = 2.0
 _IDLE_CHECK_S = 1.0
 #: pids cgroup backstop only: gVisor counts its own threads and breaks below ~256
 PIDS_BACKSTOP = 1024
@@ -150,7 +152,9 @@ class GVisorBackend(IsolationBackend):
         self._hosts: set[GVisorHost] = set()
         self._idle_timer: threading.Timer | None = None
         self._closed = False
+        self._finishing: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
 
     def _argv(self, *args: str) -> list[str]:
         return [self._runsc_path, "--root", str(self._root), "--network=none", f"--platform={self._platform}", *args]
@@ -333,6 +337,9 @@ class GVisorBackend(IsolationBackend):
         host, stale = None, []
         with self._lock:
             free = self._free.setdefault(id(spec), [])
+            # an execution of this spec that just ended gives its host back within moments:
+            # wait for it rather than start another gVisor sandbox (seconds of CPU)
+            self._changed.wait_for(lambda: free or not self._finishing.get(id(spec)), _FINISHING_WAIT_S)
             while free and host is None:
                 candidate = free.pop()
                 if candidate.usable(self._executions_max, self._lifetime_s):
@@ -365,13 +372,23 @@ class GVisorBackend(IsolationBackend):
                 self._hosts.discard(host)
             host.close()
             raise
+        execution.on_run_done = self._finishing_one
         execution.on_destroyed = self._returned
         return execution
+
+    def _finishing_one(self, execution: GVisorExecution) -> None:
+        """An execution's run is over: its host comes back once it is destroyed."""
+        with self._lock:
+            key = id(execution.host.spec)
+            self._finishing[key] = self._finishing.get(key, 0) + 1
 
     def _returned(self, execution: GVisorExecution) -> None:
         """An execution was destroyed: its host serves the next one, or is retired."""
         host = execution.host
         with self._lock:
+            if execution.run_done:
+                self._finishing[id(host.spec)] -= 1
+            self._changed.notify_all()
             if host.usable(self._executions_max, self._lifetime_s) and host in self._hosts:
                 host.idle_since = time.monotonic()
                 self._free.setdefault(id(host.spec), []).append(host)
@@ -398,7 +415,10 @@ class GVisorBackend(IsolationBackend):
                 self._idle_timer.daemon = True
                 self._idle_timer.start()
         for host in idle:
-            host.close()
+            try:
+                host.close()
+            except Exception:  # never leave the others open
+                log.exception("closing the idle gVisor sandbox %s failed", host.id)
 
     # -- single use -------------------------------------------------------------------
 

@@ -222,6 +222,12 @@ class GVisorHost:
             and time.monotonic() - self.started_at < lifetime_s
         )
 
+    def kill_sentry(self) -> None:
+        """SIGKILL the gVisor sandbox (its host resources stay until ``close``)."""
+        self.tainted = True
+        if "sentry_pidfd" in self._fds:
+            kill_pidfd(self._fds["sentry_pidfd"])
+
     def close(self) -> None:
         """Kill the gVisor sandbox and release everything it holds on the host; idempotent."""
         with self._lock:
@@ -244,7 +250,10 @@ class GVisorHost:
             self.executions += 1
             execution_id = f"{self.id}.{self.executions}"
             spec = self.spec
-            rlimits = {"nproc": spec.pids_max, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
+            # gVisor does not count a process's first thread against RLIMIT_NPROC as Linux does:
+            # one less keeps "processes + threads <= SANDBOX_MAX_PIDS" the same on both
+            nproc = max(1, spec.pids_max - 1)
+            rlimits = {"nproc": nproc, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
             pid, init_pid = self._server.spawn(execution_id, uid, [], rlimits)
             for name in ("events", "stdout", "stderr", "exited"):  # nothing of the previous execution
                 with contextlib.suppress(OSError):
@@ -290,7 +299,7 @@ class GVisorHost:
         self.server.forget(execution.pid)
         self._current = None
         for name in ("events", "stdout", "stderr", "exited"):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, KeyError):
                 while os.read(self._fds[name], 1 << 16):
                     pass
         with self._lock:
@@ -321,12 +330,13 @@ class GVisorExecution(SupervisedSandbox):
         self.misbehaved = False
         self._oom_before = 0
         self._cpu_before: float | None = None
+        self.run_done = False
+        self.on_run_done: Callable[[GVisorExecution], None] | None = None
         self.on_destroyed: Callable[[GVisorExecution], None] | None = None
 
     def _kill(self) -> None:
         if not self.host.kill_inner(self):
-            self.host.tainted = True
-            self.host.close()  # the sentry dies, and every process of this sandbox with it
+            self.host.kill_sentry()  # every process of this sandbox dies with the sentry
 
     def _running(self) -> bool:
         return self.host.alive and self.host.server.running(self.pid)
@@ -352,14 +362,23 @@ class GVisorExecution(SupervisedSandbox):
         oom = self.cgroup.oom_kills() > self._oom_before
         peak = self.cgroup.memory_peak_bytes()
         cpu = self.cgroup.cpu_time_ms()
+        # the sentry reuses memory it already holds, so the cgroup's growth can be 0: the
+        # driver's own peak resident memory is the lower bound
+        grown = max(0, peak - self._usage_before) if peak is not None else 0
+        resident = self.host.server.peak_memory_bytes(self.id, self.pid) if self._running() else 0
         return (
             oom,
-            max(0, peak - self._usage_before) if peak is not None else None,
+            max(grown, resident) or None,
             cpu - self._cpu_before if cpu is not None and self._cpu_before is not None else None,
         )
 
     def run(self, request, limits, on_output=None):  # type: ignore[no-untyped-def]
-        outcome = super().run(request, limits, on_output)
+        try:
+            outcome = super().run(request, limits, on_output)
+        finally:
+            self.run_done = True
+            if self.on_run_done is not None:
+                self.on_run_done(self)
         if outcome.oom_killed or outcome.signal is not None or outcome.timed_out or outcome.report is None:
             self.misbehaved = True
         return outcome
@@ -373,7 +392,9 @@ class GVisorExecution(SupervisedSandbox):
         return os.open(self.host.export, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def _teardown(self) -> None:
-        self.host.finish(self, tainted=self.misbehaved)
-        if self.on_destroyed is not None:
-            self.on_destroyed(self)
+        try:
+            self.host.finish(self, tainted=self.misbehaved)
+        finally:
+            if self.on_destroyed is not None:
+                self.on_destroyed(self)
 

@@ -46,6 +46,8 @@ class Supervised:
     wall_time_ms: float
     #: why the report channel was not believed (the program wrote to it), else None
     violation: str | None = None
+    #: the cgroup reported that it hit its memory limit during the run
+    oom_notified: bool = False
 
 
 def wait_ready(events_fd: int, timeout_s: float, reader: FrameReader) -> None:
@@ -81,6 +83,7 @@ def supervise(
     reader: FrameReader,
     on_output: OutputSink | None = None,
     exited_fd: int | None = None,
+    oom_fd: int | None = None,
     token: str | None = None,
 ) -> Supervised:
     """Run one request to its end: the driver's report, its death, the deadline or the cap.
@@ -88,12 +91,14 @@ def supervise(
     The driver's death shows as the end of its events channel or, where others hold that
     channel too (the gVisor two walls), as ``exited_fd`` becoming readable. On timeout or
     output cap, ``kill`` is called and the partial output is kept. With ``token`` (sent in
-    ``payload``), only a report that carries it is believed.
+    ``payload``), only a report that carries it is believed. ``oom_fd`` (the cgroup's OOM
+    notification) ends the run at once: a program at its memory limit may hang rather than
+    die, and the verdict is the memory limit either way.
     """
     out = {stdout_fd: bytearray(), stderr_fd: bytearray()}
     report: DriverReport | None = None
     violation: str | None = None
-    timed_out = capped = False
+    timed_out = capped = oom_notified = False
     pending = memoryview(payload)
     start = time.monotonic()
     deadline = start + wall_time_s
@@ -110,6 +115,10 @@ def supervise(
             sel.register(fd, selectors.EVENT_READ)
         if exited_fd is not None:
             sel.register(exited_fd, selectors.EVENT_READ)
+        if oom_fd is not None:
+            with contextlib.suppress(OSError):
+                os.read(oom_fd, 8)  # an earlier execution's notification (a reused cgroup)
+            sel.register(oom_fd, selectors.EVENT_READ)
         while report is None and not capped and violation is None:
             now = time.monotonic()
             if drain_until is not None and (now >= drain_until or not sel.get_map()):
@@ -130,8 +139,11 @@ def supervise(
                     if not pending:
                         sel.unregister(fd)
                     continue
-                if fd == exited_fd:
+                if fd in (exited_fd, oom_fd):
                     sel.unregister(fd)
+                    if fd == oom_fd:
+                        oom_notified = True
+                        kill()
                     drain_until = time.monotonic() + _DRAIN_S
                     continue
                 try:
@@ -180,7 +192,7 @@ def supervise(
     if capped:
         stdout = stdout[:output_bytes]
         stderr = stderr[: max(0, output_bytes - len(stdout))]
-    return Supervised(stdout, stderr, report, timed_out, capped, wall_ms, violation)
+    return Supervised(stdout, stderr, report, timed_out, capped, wall_ms, violation, oom_notified)
 
 
 def _authentic_report(messages: list[dict[str, object]], token: str | None) -> DriverReport | None:
@@ -312,6 +324,7 @@ class SupervisedSandbox(Sandbox):
             reader=self._reader,
             on_output=on_output,
             exited_fd=self._exited_fd(),
+            oom_fd=self.cgroup.oom_notifier(),
         )
         exit_code = signal_number = None
         if seen.report is None:
@@ -323,6 +336,7 @@ class SupervisedSandbox(Sandbox):
             if seen.timed_out or seen.output_capped or seen.violation:
                 exit_code = signal_number = None  # we killed it: the verdict says why
         oom_killed, memory_peak_bytes, cpu_time_ms = self._usage()
+        oom_killed = oom_killed or seen.oom_notified
         return RunOutcome(
             stdout=seen.stdout,
             stderr=seen.stderr,

@@ -38,7 +38,9 @@ Socket messages (JSON, one per datagram): host -> zygote ``{"op": "init", ...}``
   PID namespace); answered ``{"op": "killed", "id", "confirmed": bool}`` once the init is
   reaped (then no process of that sandbox is left) and, inside gVisor, the control
   channel drained;
-* ``{"op": "collect", "id", "init"}`` (inside gVisor): copy the regular files directly
+* ``{"op": "usage", "id", "pid"}``: the driver's peak resident memory, answered
+  ``{"op": "usage", "id", "hwm_kb"}``;
+* ``{"op": "collect", "id", "pid"}`` (inside gVisor): copy the regular files directly
   under the sandbox's ``/workspace/artifacts`` (no symlink followed) into the export
   directory the host reads; answered ``{"op": "collected", "id", "count"}``;
 
@@ -467,6 +469,20 @@ def _copy_artifacts(pid, export_dir, own_mnt):
         _setns(own_mnt, "mnt")
 
 
+def _peak_kb(pid):
+    """The peak resident memory of a live process in KiB (VmHWM; gVisor has only VmRSS, the
+    resident memory now, a lower bound of the peak); 0 once it is gone."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    found[line[:5]] = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return found.get("VmHWM", found.get("VmRSS", 0))
+
+
 def _report(sock, pid, status, usage):
     cpu_ms = (usage.ru_utime + usage.ru_stime) * 1000.0
     _send(sock, {"op": "exit", "pid": pid, "status": status, "maxrss_kb": usage.ru_maxrss, "cpu_ms": cpu_ms})
@@ -580,6 +596,8 @@ def main():
                 elif op == "kill":
                     confirmed = _kill_guest(config, request, sock, children) if guest else _kill(request, factory)
                     _send(sock, {"op": "killed", "id": request["id"], "confirmed": confirmed})
+                elif op == "usage":
+                    _send(sock, {"op": "usage", "id": request["id"], "hwm_kb": _peak_kb(int(request["pid"]))})
                 elif op == "collect":
                     count = _copy_artifacts(int(request["pid"]), config["export_fd"], own_ns["mnt"])
                     _send(sock, {"op": "collected", "id": request["id"], "count": count})
