@@ -32,6 +32,7 @@ for _path in (str(BENCH_DIR), str(REPO)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from floors import measure_floors  # noqa: E402
 from httpload import background_busy_cores, run_sequential, run_throughput, service_info, spawn_service, wait_pools_full  # noqa: E402
 from procstat import TreeCpu, listening_pid  # noqa: E402
 from report import QUIET_CORES, chart, latency_stats, machine_info, sandbox_table, summary_table  # noqa: E402
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["sandbox_cost"] = {}
 
+    log("process-start floors (bare interpreters, same run)")
+    result["floors_ms"] = measure_floors()
+
     for index, url in enumerate(args.url):
         label = args.label[index] if index < len(args.label) else None
         if "=" in url.split("://", 1)[0]:  # NAME=URL
@@ -268,6 +272,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(summary_table(result["targets"]))
+    floors = result["floors_ms"]
+    print()
+    print("Process-start floors (median wall ms, this run): " + ", ".join(f"{k} {v}" for k, v in floors.items()))
+    for target in result["targets"]:
+        for workload, floor in (("python-hello", "python3 -c"), ("python-pandas", "python3 -c import pandas"),
+                                ("node-hello", "node -e")):
+            p50 = ((target.get("workloads") or {}).get(workload) or {}).get("sequential", {}).get("stats", {}).get("p50_ms")
+            if p50 and floors.get(floor):
+                print(f"  {target['label']:<12} {workload:<14} p50 {p50:.1f} ms = {p50 / floors[floor]:.2f} x {floor}")
     if result["sandbox_cost"]:
         print()
         print("Sandbox creation (median of %d, in-process) and idle warm sandbox memory:" % args.repeats)

@@ -254,11 +254,11 @@ class GVisorHost:
             # one less keeps "processes + threads <= SANDBOX_MAX_PIDS" the same on both
             nproc = max(1, spec.pids_max - 1)
             rlimits = {"nproc": nproc, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
-            pid, init_pid = self._server.spawn(execution_id, uid, [], rlimits)
             for name in ("events", "stdout", "stderr", "exited"):  # nothing of the previous execution
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # (before the spawn: its "ready" must not be lost)
                     while os.read(self._fds[name], 1 << 16):
                         pass
+            pid, init_pid = self._server.spawn(execution_id, uid, [], rlimits)
             execution = GVisorExecution(self, execution_id, pid, init_pid, uid)
             self._current = execution
             if not self.server.running(pid):

@@ -306,6 +306,29 @@ def _setns(fd, what):
     _check(_libc.setns(fd, 0), f"setns {what}")
 
 
+def _fork_driver(config, request, fds, driver, unshare_flags=0):
+    """Fork the driver-to-be, which (after unsharing ``unshare_flags``) isolates itself and
+    becomes the driver; it never returns into the zygote's loop. Returns its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 125
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            if unshare_flags:
+                _check(_libc.unshare(unshare_flags), "unshare namespaces")
+            _child(config, request, fds, driver)
+            code = 0
+        except BaseException as exc:
+            try:
+                os.write(fds[3], f"execbox: sandbox setup failed: {exc}\n".encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    return pid
+
+
 def _spawn(config, request, fds, factory, own_ns, driver):
     """An init in fresh namespaces (from the factory), then the driver forked into them."""
     factory.send(b"spawn")
@@ -317,21 +340,7 @@ def _spawn(config, request, fds, factory, own_ns, driver):
     try:
         for fd, ns in targets:
             _setns(fd, ns)  # pid: for the next child only; the others: this process, until restored
-        pid = os.fork()
-        if pid == 0:
-            code = 125
-            try:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _child(config, request, fds, driver)
-                code = 0
-            except BaseException as exc:  # never return into the zygote's loop
-                try:
-                    os.write(fds[3], f"execbox: sandbox setup failed: {exc}\n".encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(code)
+        pid = _fork_driver(config, request, fds, driver)
     finally:
         for fd, _ in targets:
             os.close(fd)
@@ -354,22 +363,7 @@ def _spawn_guest(config, request, fds, driver):
     it (pid 2), which unshares the other namespaces itself."""
     _check(_libc.unshare(CLONE_NEWPID), "unshare pid namespace")
     init_pid = os.posix_spawn(INIT_ARGV[0], INIT_ARGV, {})
-    pid = os.fork()
-    if pid == 0:
-        code = 125
-        try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET), "unshare namespaces")
-            _child(config, request, fds, driver)
-            code = 0
-        except BaseException as exc:  # never return into the zygote's loop
-            try:
-                os.write(fds[3], f"execbox: sandbox setup failed: {exc}\n".encode())
-            except OSError:
-                pass
-        finally:
-            os._exit(code)
+    pid = _fork_driver(config, request, fds, driver, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
     return pid, init_pid
 
 
