@@ -171,7 +171,7 @@ class Settings(BaseSettings):
         "numpy,pandas,matplotlib.pyplot", description="modules the Python fork server imports once for all sandboxes",
     )
     forkserver: bool = Field(True, description="Python sandboxes are forked from a warm fork server (namespaces backend)")
-    gvisor_platform: str = Field("auto", description="runsc platform: auto (systrap, else ptrace) | systrap | ptrace | kvm")
+    gvisor_platform: str = Field("auto", description="runsc platform: auto (ptrace, else systrap) | ptrace | systrap | kvm")
     gvisor_executions_per_sandbox: int = Field(
         100, ge=1, le=100000,
         description="executions one long-lived gVisor sandbox serves, each in a fresh inner sandbox (1 = single-use)",

@@ -10,8 +10,9 @@ Two modes, chosen by probing the runsc at hand (never its version string):
   ``SANDBOX_ENABLE_SECCOMP``, whose Docker-format profile applies to the whole sandbox):
   one gVisor sandbox per execution, as described below.
 
-The platform is ``systrap`` where a real sandbox starts on it, else ``ptrace``; ``kvm``
-only when asked for and only if a real sandbox starts on it within seconds.
+The platform is ``ptrace`` where a real sandbox starts on it, else ``systrap`` (see
+``_AUTO_PLATFORMS`` for why); ``kvm`` only when asked for and only if a real sandbox starts
+on it within seconds.
 
 Single-use: each sandbox is an OCI bundle (:mod:`execbox.isolation.oci`) run by an attached
 ``runsc run`` under a runsc state root of execbox's own (``<state_dir>/gvisor/state``),
@@ -88,8 +89,11 @@ _IDLE_CHECK_S = 1.0
 #: pids cgroup backstop only: gVisor counts its own threads and breaks below ~256
 PIDS_BACKSTOP = 1024
 _CGROUP_PARENT = "execbox-gvisor"
-#: platforms tried, in order, when none is configured
-_AUTO_PLATFORMS = ("systrap", "ptrace")
+#: platforms tried, in order, when none is configured. ptrace first: measured on the 2-core
+#: VM execbox is developed on (bench/run.py, runsc 20240729), an idle systrap sandbox burns
+#: ~55 ms of CPU a second (ptrace: ~1-3 ms) and preparing an inner sandbox costs ~170-300 ms
+#: of CPU on systrap against ~110-160 ms on ptrace; SANDBOX_GVISOR_PLATFORM=systrap chooses it
+_AUTO_PLATFORMS = ("ptrace", "systrap")
 #: a kvm (or any) probe sandbox must start within this
 _PROBE_TIMEOUT_S = 20.0
 #: inside a probe sandbox: does a child's private mount namespace hide its tmpfs?
