@@ -155,7 +155,6 @@ class GVisorBackend(IsolationBackend):
         self._free: dict[int, list[GVisorHost]] = {}
         self._hosts: set[GVisorHost] = set()
         self._idle_timer: threading.Timer | None = None
-        self._closed = False
         self._finishing: dict[int, int] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -414,7 +413,7 @@ class GVisorBackend(IsolationBackend):
                 idle += [h for h in free if now - h.idle_since >= IDLE_HOST_S]
                 free[:] = [h for h in free if now - h.idle_since < IDLE_HOST_S]
             self._hosts.difference_update(idle)
-            if any(self._free.values()) and not self._closed:
+            if any(self._free.values()):
                 self._idle_timer = threading.Timer(_IDLE_CHECK_S, self._close_idle)
                 self._idle_timer.daemon = True
                 self._idle_timer.start()
@@ -466,11 +465,11 @@ class GVisorBackend(IsolationBackend):
     def close(self) -> None:
         """Close every long-lived gVisor sandbox; remove this state directory's cgroup parents
         if no sandbox is left in them."""
-        with self._lock:
-            self._closed = True
+        with self._lock:  # (the backend may be used again afterwards: nothing here forbids it)
             hosts, self._hosts, self._free = list(self._hosts), set(), {}
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
+                self._idle_timer = None
         for host in hosts:
             host.close()
         for top in _cgroup_parents(self._cgroups.root, self._cgroups.parent):
