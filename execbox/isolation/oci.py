@@ -125,6 +125,19 @@ def _bind(source: Path | str, target: str, writable: bool = False) -> dict[str, 
     return {"destination": target, "type": "bind", "source": str(source), "options": _BIND_RW if writable else _BIND_RO}
 
 
+def _linux(spec: SandboxSpec, cgroups_path: str, memory_limit_bytes: int, pids_limit: int) -> dict[str, Any]:
+    """The ``linux`` section every gVisor bundle shares: fresh namespaces, the host cgroup."""
+    return {
+        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+        "cgroupsPath": cgroups_path,
+        "resources": {
+            "memory": {"limit": memory_limit_bytes, "swap": memory_limit_bytes},
+            "pids": {"limit": pids_limit},
+            "cpu": {"quota": max(1000, int(spec.cpus * _CPU_PERIOD_US)), "period": _CPU_PERIOD_US},
+        },
+    }
+
+
 def build_config(
     spec: SandboxSpec,
     *,
@@ -158,15 +171,7 @@ def build_config(
         *(_bind(m.source, m.target, m.writable) for m in spec.mounts),
     ]
     env = {**spec.env, CONTROL_FD_ENV: str(_CONTROL_FD), EVENTS_FD_ENV: str(_EVENTS_FD)}
-    linux: dict[str, Any] = {
-        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
-        "cgroupsPath": cgroups_path,
-        "resources": {
-            "memory": {"limit": memory_limit_bytes, "swap": memory_limit_bytes},
-            "pids": {"limit": pids_limit},
-            "cpu": {"quota": max(1000, int(spec.cpus * _CPU_PERIOD_US)), "period": _CPU_PERIOD_US},
-        },
-    }
+    linux = _linux(spec, cgroups_path, memory_limit_bytes, pids_limit)
     if seccomp is not None:
         linux["seccomp"] = dict(seccomp)
     return {
@@ -301,15 +306,7 @@ def build_host_config(
         "root": {"path": str(rootfs), "readonly": True},
         "hostname": "sandbox",
         "mounts": mounts,
-        "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
-            "cgroupsPath": cgroups_path,
-            "resources": {
-                "memory": {"limit": memory_limit_bytes, "swap": memory_limit_bytes},
-                "pids": {"limit": pids_limit},
-                "cpu": {"quota": max(1000, int(spec.cpus * _CPU_PERIOD_US)), "period": _CPU_PERIOD_US},
-            },
-        },
+        "linux": _linux(spec, cgroups_path, memory_limit_bytes, pids_limit),
     }
 
 
