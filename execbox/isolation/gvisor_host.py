@@ -254,10 +254,7 @@ class GVisorHost:
             # one less keeps "processes + threads <= SANDBOX_MAX_PIDS" the same on both
             nproc = max(1, spec.pids_max - 1)
             rlimits = {"nproc": nproc, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
-            for name in ("events", "stdout", "stderr", "exited"):  # nothing of the previous execution
-                with contextlib.suppress(OSError):  # (before the spawn: its "ready" must not be lost)
-                    while os.read(self._fds[name], 1 << 16):
-                        pass
+            self._drain_channels()  # before the spawn: the new driver's "ready" must not be lost
             pid, init_pid = self._server.spawn(execution_id, uid, [], rlimits)
             execution = GVisorExecution(self, execution_id, pid, init_pid, uid)
             self._current = execution
@@ -283,6 +280,14 @@ class GVisorHost:
     def fds(self) -> dict[str, int]:
         return self._fds
 
+    def _drain_channels(self) -> None:
+        """Discard whatever the host ends of the shared channels still hold (nothing of one
+        execution may reach the next); the fds may already be closed with the host."""
+        for name in ("events", "stdout", "stderr", "exited"):
+            with contextlib.suppress(OSError, KeyError):
+                while os.read(self._fds[name], 1 << 16):
+                    pass
+
     def kill_inner(self, execution: GVisorExecution) -> bool:
         """End one inner sandbox; True once the zygote confirmed nothing of it is left."""
         if not self.alive:
@@ -298,10 +303,7 @@ class GVisorHost:
                 self.server.wait_exit(execution.pid, 5.0)
         self.server.forget(execution.pid)
         self._current = None
-        for name in ("events", "stdout", "stderr", "exited"):
-            with contextlib.suppress(OSError, KeyError):
-                while os.read(self._fds[name], 1 << 16):
-                    pass
+        self._drain_channels()
         with self._lock:
             self.tainted = self.tainted or tainted or not confirmed
             self._busy = False

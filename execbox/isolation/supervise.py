@@ -173,8 +173,7 @@ def supervise(
                         capped = True
                         kill()
                         break
-    died = _closed(events_fd) or (exited_fd is not None and bool(select.select([exited_fd], [], [], 0)[0]))
-    if report is not None and not capped and died:
+    if report is not None and not capped and _driver_died(events_fd, exited_fd):
         report = None  # the process ended right after "reporting": not the driver's report
     if report is not None and not capped:
         # the driver flushed before reporting, so its output is already in the pipes
@@ -207,6 +206,12 @@ def _authentic_report(messages: list[dict[str, object]], token: str | None) -> D
             raise SandboxProtocolError(f"unexpected event {message.get('event')!r}")
         return parse_report(message)
     return None
+
+
+def _driver_died(events_fd: int, exited_fd: int | None) -> bool:
+    """Whether the driver has ended: its events channel closed or, where that channel is
+    shared (the gVisor two walls), its exit notified on ``exited_fd``."""
+    return _closed(events_fd) or (exited_fd is not None and bool(select.select([exited_fd], [], [], 0)[0]))
 
 
 def _closed(fd: int) -> bool:
