@@ -346,9 +346,6 @@ class GVisorExecution(SupervisedSandbox):
     def _exit_status(self, timeout_s: float) -> tuple[int | None, int | None]:
         return exit_pair(self.host.server.wait_exit(self.pid, timeout_s).status)
 
-    def _host_threads(self) -> list[int]:
-        return self.cgroup.threads()
-
     def _exited_fd(self) -> int | None:
         return self.host.fds["exited"]
 
