@@ -16,7 +16,9 @@ exception, a timeout, an OOM kill, a disallowed syscall) is data in
     ├── PoolError
     │   ├── PoolBusyError           no sandbox became free within the wait time
     │   └── PoolClosedError         the pool is shutting down
-    └── BadRequestError             a request is invalid (unknown language, limits above maxima...)
+    ├── BadRequestError             a request is invalid (unknown language, limits above maxima...)
+    ├── NotFoundError               no such session or file (or not the caller's)
+    └── LimitExceededError          a quota or a service-wide cap is reached (says when to retry)
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ __all__ = [
     "BadRequestError",
     "ConfigurationError",
     "ExecboxError",
+    "LimitExceededError",
+    "NotFoundError",
     "PoolBusyError",
     "PoolClosedError",
     "PoolError",
@@ -78,3 +82,15 @@ class PoolClosedError(PoolError):
 
 class BadRequestError(ExecboxError):
     """A request is invalid (unknown language, limits above the server's maxima...)."""
+
+
+class NotFoundError(ExecboxError):
+    """No such session or file: unknown, closed, expired, or another caller's."""
+
+
+class LimitExceededError(ExecboxError):
+    """A quota or a service-wide cap is reached; ``retry_after_s`` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "Artifact",
+    "CellRequest",
     "ExecutionRequest",
     "ExecutionResult",
     "Language",
@@ -20,6 +21,9 @@ __all__ = [
     "ResourceLimitType",
     "ResultValue",
     "RuntimeErrorType",
+    "SessionFile",
+    "SessionInfo",
+    "SessionRequest",
     "SkippedArtifact",
     "Status",
     "UnauthorizedAccessType",
@@ -143,3 +147,44 @@ class ExecutionResult(_Frozen):
     artifacts_skipped: tuple[SkippedArtifact, ...] = ()
     result: ResultValue | None = None
     backend: str | None = None
+
+
+class SessionRequest(_Frozen):
+    """What a new session is: its language, its limits (each cell's), its idle timeout, env."""
+
+    language: Language = Language.PYTHON
+    limits: Limits | None = None
+    #: None: the server's SANDBOX_SESSION_IDLE_TIMEOUT (a request may only shorten it)
+    idle_timeout_s: float | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class CellRequest(_Frozen):
+    """One cell run in a session's interpreter: names of earlier cells stay visible."""
+
+    code: str
+    stdin: str = ""
+    #: None: the session's wall time limit (a cell may only shorten it)
+    timeout_s: float | None = None
+
+
+class SessionInfo(_Frozen):
+    """The description of a live session."""
+
+    id: str
+    language: Language
+    backend: str
+    created_at: float
+    expires_at: float
+    idle_timeout_s: float
+    last_used_at: float
+    executions: int = 0
+    #: the API key's name that owns it (None when keys are off); never the key itself
+    owner: str | None = None
+
+
+class SessionFile(_Frozen):
+    """A regular file in a session's workspace (path relative to it)."""
+
+    path: str
+    size: int
