@@ -27,6 +27,7 @@ __all__ = [
     "MAX_ARTIFACT_BYTES",
     "MAX_SKIPPED_LISTED",
     "MIME_TYPES",
+    "artifact_stamps",
     "collect_artifacts",
     "collect_artifacts_report",
 ]
@@ -79,13 +80,46 @@ def _read_regular(dir_fd: int, name: str) -> bytes:
         os.close(fd)
 
 
+def _stamp(dir_fd: int, name: str) -> Stamp | None:
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 def collect_artifacts(workspace_fd: int) -> tuple[Artifact, ...]:
     """The allowed regular files directly under ``artifacts/`` of the workspace."""
     return collect_artifacts_report(workspace_fd)[0]
 
 
-def collect_artifacts_report(workspace_fd: int) -> tuple[tuple[Artifact, ...], tuple[SkippedArtifact, ...]]:
-    """The artifacts, and the files under ``artifacts/`` left out with the reason."""
+#: what identifies one version of a file under artifacts/: (inode, size, mtime in ns)
+Stamp = tuple[int, int, int]
+
+
+def artifact_stamps(workspace_fd: int) -> dict[str, Stamp]:
+    """The stamp of every entry under ``artifacts/`` (a session's cell returns only the
+    files whose stamp changed while it ran)."""
+    try:
+        dir_fd = os.open(ARTIFACTS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=workspace_fd)
+    except OSError:
+        return {}
+    stamps: dict[str, Stamp] = {}
+    try:
+        with contextlib.suppress(OSError):
+            for name in os.listdir(dir_fd):
+                if (stamp := _stamp(dir_fd, name)) is not None:
+                    stamps[name] = stamp
+    finally:
+        os.close(dir_fd)
+    return stamps
+
+
+def collect_artifacts_report(
+    workspace_fd: int, unchanged: dict[str, Stamp] | None = None
+) -> tuple[tuple[Artifact, ...], tuple[SkippedArtifact, ...]]:
+    """The artifacts, and the files under ``artifacts/`` left out with the reason; with
+    ``unchanged`` (from :func:`artifact_stamps`), files still as stamped there are passed over."""
     try:
         dir_fd = os.open(ARTIFACTS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=workspace_fd)
     except OSError:
@@ -102,6 +136,8 @@ def collect_artifacts_report(workspace_fd: int) -> tuple[tuple[Artifact, ...], t
         names: list[str] = []
         with contextlib.suppress(OSError):
             names = sorted(os.listdir(dir_fd))
+        if unchanged:
+            names = [name for name in names if unchanged.get(name) != _stamp(dir_fd, name)]
         for name in names:
             try:
                 name.encode("utf-8")

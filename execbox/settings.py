@@ -177,6 +177,13 @@ class Settings(BaseSettings):
         description="executions one long-lived gVisor sandbox serves, each in a fresh inner sandbox (1 = single-use)",
     )
     gvisor_sandbox_lifetime: Duration = Field(600.0, description="longest life of one long-lived gVisor sandbox")
+    max_sessions: int = Field(32, ge=0, le=4096, description="live sessions in all (each holds a sandbox); 0 = sessions off")
+    session_idle_timeout: Duration = Field(600.0, description="a session unused this long is closed")
+    session_max_lifetime: Duration = Field(3600.0, description="a session is closed this long after it was made")
+    replica_name: str = Field(
+        "", pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$|^$",
+        description="this replica's name, the prefix of its session ids (e.g. the pod name); empty = one replica",
+    )
     bind_host: str = Field("0.0.0.0", description="address the HTTP service listens on")
     log_level: str = Field("info", description="debug | info | warning | error")
 

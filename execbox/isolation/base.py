@@ -1,7 +1,8 @@
 """The isolation interface: a backend builds sandboxes from a SandboxSpec.
 
 A :class:`Sandbox` is one isolated, started environment with a driver waiting inside.
-It is used for exactly one execution, then destroyed. A backend *applies* isolation;
+It is used for exactly one execution (``run``), or, for a session, for a series of cells
+in one interpreter (``run_cell``), then destroyed. A backend *applies* isolation;
 it does not decide policy: every capability arrives as a named field of the spec.
 """
 
@@ -59,6 +60,10 @@ class SandboxSpec:
     #: modules a fork server imports once for all its sandboxes (backends without one ignore it)
     preload_modules: tuple[str, ...] = ()
     startup_timeout_s: float = 30.0
+    #: the sandbox is held by one session for its whole life: a backend whose sandboxes share
+    #: an outer wall between executions (gVisor two walls) gives it an outer wall of its own,
+    #: and its workspace must be reachable from the host while it lives (files API)
+    dedicated: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,14 @@ class Sandbox(abc.ABC):
 
         ``on_output("stdout" | "stderr", data)``, if given, sees the output as it arrives
         (within the output cap), from the calling thread."""
+
+    def run_cell(
+        self, request: ExecutionRequest, limits: Limits, timeout_s: float, on_output: OutputSink | None = None
+    ) -> RunOutcome:
+        """Run one session cell in the sandbox's persistent interpreter (blocking); may be
+        called again while ``alive()``. The driver interrupts the cell after ``timeout_s``
+        (a report with error_kind ``time``); if it does not stop, the host kills it."""
+        raise NotImplementedError(f"{type(self).__name__} does not run session cells")
 
     @abc.abstractmethod
     def open_workspace(self) -> int:

@@ -321,7 +321,7 @@ class GVisorBackend(IsolationBackend):
             )
         if spec.network:
             raise SandboxStartError("the gvisor backend runs sandboxes with --network=none; it offers no network")
-        if self.mode == "two-walls":
+        if self.mode == "two-walls" and not spec.dedicated:  # a session's sandbox has a gVisor sandbox of its own
             return self._create_inner(spec)
         return self._create_single(spec)
 

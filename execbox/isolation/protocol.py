@@ -33,12 +33,17 @@ def _frame(message: dict[str, Any]) -> bytes:
 
 #: the largest time a report may claim (a day); beyond it the report is malformed
 _MAX_TIME_MS = 86_400_000.0
-_ERROR_KINDS = (None, "memory", "network", "file", "result")
+_ERROR_KINDS = (None, "memory", "network", "file", "result", "time")
+_RESULT_TYPES = ("json", "text")
 
 
-def encode_request(request: ExecutionRequest, token: str | None = None) -> bytes:
+def encode_request(request: ExecutionRequest, token: str | None = None, cell_timeout_s: float | None = None) -> bytes:
     """The one request frame the driver reads on its control channel; with ``token``, the
-    driver must return it in its report (and keeps it out of the user's reach by name)."""
+    driver must return it in its report (and keeps it out of the user's reach by name).
+
+    With ``cell_timeout_s`` the frame is a session cell: the driver runs the code in its
+    one persistent interpreter (no ``main``), interrupts it after that many seconds
+    (reporting ``error_kind: "time"``) and then waits for the next cell."""
     message: dict[str, Any] = {
         "code": request.code,
         "arguments": request.arguments,
@@ -48,6 +53,8 @@ def encode_request(request: ExecutionRequest, token: str | None = None) -> bytes
     }
     if token is not None:
         message["token"] = token
+    if cell_timeout_s is not None:
+        message["cell"] = {"timeout_s": cell_timeout_s}
     return _frame(message)
 
 
@@ -90,6 +97,10 @@ def parse_report(message: dict[str, Any]) -> DriverReport:
         if result is not None:
             if not (isinstance(result, dict) and "value" in result and isinstance(result.get("present", True), bool)):
                 raise ValueError("result must be an object with a value")
+            if result.get("type", "json") not in _RESULT_TYPES:
+                raise ValueError(f"result type {result.get('type')!r} is not json or text")
+            if result.get("type") == "text" and not isinstance(result["value"], str):
+                raise ValueError("a text result must be a string")
             if exit_code != 0:
                 raise ValueError("a failed program has no result")
         kind = message.get("error_kind")

@@ -29,11 +29,13 @@ from execbox.isolation.cgroups import Cgroup
 from execbox.isolation.protocol import FrameReader, encode_request, parse_report
 from execbox.models import ExecutionRequest, Limits
 
-__all__ = ["Supervised", "SupervisedSandbox", "supervise", "wait_ready"]
+__all__ = ["CELL_GRACE_S", "Supervised", "SupervisedSandbox", "supervise", "wait_ready"]
 
 _CHUNK = 65536
 #: how long output may keep arriving after the driver's report or death
 _DRAIN_S = 0.05
+#: how long a session cell may run past its time limit before the host kills the interpreter
+CELL_GRACE_S = 2.0
 
 
 @dataclass
@@ -250,6 +252,7 @@ class SupervisedSandbox(Sandbox):
         self._reader = reader
         self._release = release
         self._used = False
+        self._cells = False
         self._destroyed = False
         self._lock = threading.Lock()
         self._run_lock = threading.Lock()
@@ -296,7 +299,7 @@ class SupervisedSandbox(Sandbox):
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
 
     def alive(self) -> bool:
-        return not self._used and not self._destroyed and self._running()
+        return (not self._used or self._cells) and not self._destroyed and self._running()
 
     def run(self, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None = None) -> RunOutcome:
         with self._run_lock:
@@ -305,7 +308,18 @@ class SupervisedSandbox(Sandbox):
             self._used = True
             return self._run(request, limits, on_output)
 
-    def _run(self, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None) -> RunOutcome:
+    def run_cell(
+        self, request: ExecutionRequest, limits: Limits, timeout_s: float, on_output: OutputSink | None = None
+    ) -> RunOutcome:
+        with self._run_lock:
+            if (self._used and not self._cells) or self._destroyed:
+                raise SandboxError(f"sandbox {self.id} was already used")
+            self._used = self._cells = True
+            return self._run(request, limits, on_output, cell_timeout_s=timeout_s)
+
+    def _run(
+        self, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None, cell_timeout_s: float | None = None
+    ) -> RunOutcome:
         try:
             self._limit_memory(limits)
         except SandboxError:  # the kernel refuses a limit below what the sandbox already uses
@@ -322,8 +336,11 @@ class SupervisedSandbox(Sandbox):
             events_fd=self._fds["events"],
             stdout_fd=self._fds["stdout"],
             stderr_fd=self._fds["stderr"],
-            payload=encode_request(request, token),
-            wall_time_s=min(limits.wall_time_s, self.spec.wall_time_s),
+            payload=encode_request(request, token, cell_timeout_s),
+            # a cell's driver interrupts it at its limit; the host kills only one that does not stop
+            wall_time_s=(
+                min(limits.wall_time_s, self.spec.wall_time_s) if cell_timeout_s is None else cell_timeout_s + CELL_GRACE_S
+            ),
             output_bytes=min(limits.output_bytes, self.spec.output_bytes),
             kill=self._kill,
             reader=self._reader,

@@ -118,7 +118,11 @@ def classify(
             result = None
             if report.result:
                 try:
-                    result = ResultValue(present=True, value=checked_result_value(report.result.get("value")))
+                    result = ResultValue(
+                        present=report.result.get("present", True),
+                        value=checked_result_value(report.result.get("value")),
+                        type=report.result.get("type", "json"),
+                    )
                 except ResultRefused as exc:
                     return ExecutionResult(
                         status=Status.PROGRAM_ERROR, exit_code=1, detail="invalid_result",
@@ -130,6 +134,11 @@ def classify(
             return ExecutionResult(
                 status=Status.PROGRAM_ERROR, exit_code=report.exit_code or 1, detail="invalid_result",
                 stderr=stderr, **files, **common,
+            )
+        if report.error_kind == "time":  # a session cell the driver interrupted at its time limit
+            return ExecutionResult(
+                status=limit, resource_limit_type=ResourceLimitType.TIME, exit_code=EXIT_TIMEOUT,
+                detail="time_limit_exceeded", stderr=stderr, **files, **common,
             )
         if report.error_kind == "memory":
             return ExecutionResult(

@@ -6,6 +6,7 @@ policy check -> lease a warm sandbox -> run -> collect artifacts -> classify -> 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -15,8 +16,8 @@ from functools import partial
 from typing import Any
 
 from execbox.artifacts import collect_artifacts_report
-from execbox.errors import BadRequestError, ExecboxError, PoolBusyError, RuntimeEnvironmentError
-from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, Sandbox
+from execbox.errors import BadRequestError, ExecboxError, PoolBusyError, PoolClosedError, RuntimeEnvironmentError
+from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, Sandbox, SandboxSpec
 from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits, SkippedArtifact
 from execbox.policy import inspect_code
 from execbox.pool import PoolStats, SandboxPool
@@ -73,6 +74,7 @@ class Executor:
         self._run_threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="execbox-run")
         self._build_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="execbox-build")
         self._closing = False
+        self._dedicated_specs: dict[Language, SandboxSpec] = {}
 
     def _check_environments(self) -> None:
         self.warnings.extend(check_environments(self.settings, self._languages))
@@ -152,17 +154,41 @@ class Executor:
         bytes) as the program prints (the result still carries the whole output)."""
         started = time.perf_counter()
         result = await self._execute(request, on_output)
-        self._log(request, result, started)
+        self.log_execution(request, result, started)
         return result
+
+    def check_code(self, code: str, language: Language) -> ExecutionResult | None:
+        """The static inspection (SANDBOX_CODE_CHECK): the verdict on code it blocks, else None."""
+        if self.settings.code_check is CodeCheckMode.OFF:
+            return None
+        findings = inspect_code(code, language.value, self.settings.code_check)
+        if findings and self.settings.code_check in (CodeCheckMode.BLOCK, CodeCheckMode.GUARD):
+            return runner_error(EXIT_UNSAFE, "Code is unsafe", "\n".join(map(str, findings)) + "\n")
+        for finding in findings:
+            log.warning("code check (warn mode): %s", finding)
+        return None
+
+    def dedicated_spec(self, language: Language) -> SandboxSpec:
+        """The spec of a sandbox held by one session (the pools' spec, with an outer wall of its own)."""
+        spec = self._dedicated_specs.get(language)
+        if spec is None:
+            spec = dataclasses.replace(sandbox_spec(self.settings, get_runtime(language)), dedicated=True)
+            spec = self._dedicated_specs.setdefault(language, spec)
+        return spec
+
+    async def create_dedicated(self, language: Language) -> Sandbox:
+        """A new sandbox for a session, never taken from nor returned to a pool."""
+        if self.backend is None or self._closing:
+            raise PoolClosedError("the executor is not running")
+        if language not in self._languages:
+            raise BadRequestError(f"{language.value} is not served here")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._build_threads, self.backend.create, self.dedicated_spec(language))
 
     async def _execute(self, request: ExecutionRequest, on_output: OutputSink | None) -> ExecutionResult:
         limits = self.limits_for(request)
-        if self.settings.code_check is not CodeCheckMode.OFF:
-            findings = inspect_code(request.code, request.language.value, self.settings.code_check)
-            if findings and self.settings.code_check in (CodeCheckMode.BLOCK, CodeCheckMode.GUARD):
-                return runner_error(EXIT_UNSAFE, "Code is unsafe", "\n".join(map(str, findings)) + "\n")
-            for finding in findings:
-                log.warning("code check (warn mode): %s", finding)
+        if (blocked := self.check_code(request.code, request.language)) is not None:
+            return blocked
         pool = self._pools.get(request.language)
         if pool is None or self._closing:
             return runner_error(EXIT_INTERNAL, "internal_error", f"no {request.language.value} pool is running\n")
@@ -193,7 +219,10 @@ class Executor:
             backend=sandbox.backend_name,
         )
 
-    def _log(self, request: ExecutionRequest, result: ExecutionResult, started: float) -> None:
+    def log_execution(
+        self, request: ExecutionRequest, result: ExecutionResult, started: float, session_id: str | None = None
+    ) -> None:
+        """One JSON line per execution (or session cell): never its code or output."""
         record = {
             "language": request.language.value,
             "status": result.status.value,
@@ -208,6 +237,8 @@ class Executor:
             "artifacts": len(result.artifacts),
             "backend": result.backend,
         }
+        if session_id is not None:
+            record["session"] = session_id
         executions_log.info("execution %s", json.dumps(record))
 
 

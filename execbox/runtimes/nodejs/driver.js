@@ -17,6 +17,11 @@
  *   program that writes without end. Before the report the driver also waits for both
  *   streams to drain (worker threads' output reaches them through the main thread).
  * - Tracebacks are printed without the driver's own frames and Node's module loader.
+ * - A request with a `cell` member starts a session: each frame is a cell run with
+ *   vm.Script in the one global scope (top-level let/const/function persist, as in Node's
+ *   REPL; top-level `await` is rewritten the REPL's way with the `acorn` parser of the runtime
+ *   environment), interrupted at `cell.timeout_s`; the value of a final expression
+ *   statement is the result. After each report the driver waits for the next cell.
  */
 (function driver() {
   const fs = require('fs');
@@ -120,7 +125,7 @@
       text = 'Error (cannot be printed)';
     }
     return text.split('\n').filter((line) => !(/^\s+at /.test(line) &&
-      (line.includes(DRIVER_FILE) || line.includes('node:internal/modules/')))).join('\n');
+      (line.includes(DRIVER_FILE) || line.includes('node:internal/modules/') || line.includes('(node:vm:')))).join('\n');
   }
 
   function printError(err) {
@@ -217,6 +222,157 @@
     }
   }
 
+  /** Names bound by a declaration pattern (`{a, b: [c, ...d]} = ...`). */
+  function boundNames(pattern, names) {
+    if (!pattern) return names;
+    if (pattern.type === 'Identifier') names.push(pattern.name);
+    else if (pattern.type === 'ObjectPattern') pattern.properties.forEach((p) => boundNames(p.type === 'RestElement' ? p.argument : p.value, names));
+    else if (pattern.type === 'ArrayPattern') pattern.elements.forEach((e) => boundNames(e, names));
+    else if (pattern.type === 'RestElement') boundNames(pattern.argument, names);
+    else if (pattern.type === 'AssignmentPattern') boundNames(pattern.left, names);
+    return names;
+  }
+
+  /**
+   * A cell with top-level `await`, rewritten as Node's REPL does: its declarations are
+   * hoisted to the script (const becomes let) so that later cells see them, the rest runs
+   * in an async function whose value is the last expression's.
+   */
+  function wrapAwait(code, tree) {
+    const hoisted = [];
+    const functions = [];
+    const body = [];
+    tree.body.forEach((node, i) => {
+      const text = code.slice(node.start, node.end);
+      if (node.type === 'VariableDeclaration') {
+        const names = [];
+        node.declarations.forEach((d) => boundNames(d.id, names));
+        if (names.length) hoisted.push(`${node.kind === 'var' ? 'var' : 'let'} ${names.join(', ')};`);
+        const assigns = node.declarations.filter((d) => d.init)
+          .map((d) => `(${code.slice(d.id.start, d.id.end)} = ${code.slice(d.init.start, d.init.end)})`);
+        if (assigns.length) body.push(`void (${assigns.join(', ')});`);
+      } else if (node.type === 'FunctionDeclaration') {
+        hoisted.push(`var ${node.id.name};`);
+        functions.push(`${node.id.name} = ${text};`);
+      } else if (node.type === 'ClassDeclaration') {
+        hoisted.push(`let ${node.id.name};`);
+        body.push(`${node.id.name} = ${text};`);
+      } else if (i === tree.body.length - 1 && node.type === 'ExpressionStatement') {
+        body.push(`return (${code.slice(node.expression.start, node.expression.end)});`);
+      } else {
+        body.push(text);
+      }
+    });
+    return `${hoisted.join('\n')}\n(async () => {\n${functions.join('\n')}\n${body.join('\n')}\n})()`;
+  }
+
+  /** A cell's result: JSON for plain data, else util.inspect's text; undefined is none. */
+  function cellValue(value) {
+    if (value === undefined) return { present: false, value: null };
+    const proto = value !== null && typeof value === 'object' ? Object.getPrototypeOf(value) : undefined;
+    const plain = value === null || ['string', 'number', 'boolean'].includes(typeof value) || Array.isArray(value) ||
+      proto === Object.prototype || proto === null;
+    if (plain) {
+      const { result, problem } = encodeResult(value);
+      if (!problem) return result;
+    }
+    let text;
+    try {
+      text = require('util').inspect(value);
+    } catch (err) {
+      text = `<${typeof value} (inspect failed: ${err && err.message})>`;
+    }
+    return { present: true, value: text.slice(0, 1 << 20), type: 'text' };
+  }
+
+  /** runCell(request) -> outcome: a cell in the one global scope kept across cells. */
+  function cellRunner() {
+    const vm = require('vm');
+    let acorn = null;
+    try {
+      acorn = require('acorn');
+    } catch (_) { /* without it: no top-level await, and every value is a result */ }
+    globalThis.require = Module.createRequire(USER_FILE);
+    globalThis.module = { exports: {} };
+    globalThis.exports = globalThis.module.exports;
+    globalThis.__filename = USER_FILE;
+    globalThis.__dirname = path.dirname(USER_FILE);
+    let cells = 0;
+    const state = { fail: null };
+    process.on('uncaughtException', (err) => {
+      printError(err);
+      if (state.fail) state.fail(err);
+    });
+    const timeoutError = (limit) => Object.assign(new Error(`the cell ran longer than ${limit}s`), { timedOut: true });
+    async function runCell(request) {
+      if (request.code) cells += 1; // the session's set-up cell is empty
+      const filename = `cell-${cells}.js`;
+      const limit = Number((request.cell && request.cell.timeout_s) || 0);
+      const deadline = Date.now() + limit * 1000;
+      const code = request.code;
+      let tree = null;
+      if (acorn) {
+        try {
+          tree = acorn.parse(code, { ecmaVersion: 'latest', sourceType: 'script', allowAwaitOutsideFunction: true, allowHashBang: true });
+        } catch (_) { /* V8 says what is wrong below */ }
+      }
+      try {
+        let script;
+        let awaited = false;
+        try {
+          script = new vm.Script(code, { filename });
+        } catch (err) {
+          if (!(tree && err instanceof SyntaxError)) throw err;
+          script = new vm.Script(wrapAwait(code, tree), { filename });
+          awaited = true;
+        }
+        let value = script.runInThisContext({ timeout: Math.max(1, deadline - Date.now()), displayErrors: false });
+        if (awaited) {
+          let timer;
+          value = await new Promise((resolve, reject) => {
+            state.fail = reject;
+            timer = setTimeout(() => reject(timeoutError(limit)), Math.max(1, deadline - Date.now()));
+            Promise.resolve(value).then(resolve, reject);
+          }).finally(() => { clearTimeout(timer); state.fail = null; });
+        }
+        const last = tree && tree.body.length ? tree.body[tree.body.length - 1] : null;
+        const isExpression = tree ? Boolean(last && last.type === 'ExpressionStatement' && !last.directive) : true;
+        return { exitCode: 0, result: isExpression ? cellValue(value) : { present: false, value: null }, kind: null };
+      } catch (err) {
+        if ((err && err.code === 'ERR_SCRIPT_EXECUTION_TIMEOUT') || (err && err.timedOut)) {
+          process.stderr.write(`TimeoutError: the cell ran longer than ${limit}s and was interrupted; the session keeps its state\n`);
+          return { exitCode: 1, result: null, kind: 'time' };
+        }
+        printError(err);
+        return { exitCode: 1, result: null, kind: errorKind(err) };
+      }
+    }
+    return runCell;
+  }
+
+  /** A session: cells until the host closes the control channel or a cell exits. */
+  async function serveCells(request) {
+    const runCell = cellRunner();
+    process.exit = (code) => process.reallyExit(Number(code === undefined ? (process.exitCode || 0) : code) & 0xff);
+    for (;;) {
+      const cellToken = typeof request.token === 'string' ? request.token : null;
+      delete request.token;
+      const started = process.hrtime.bigint();
+      const outcome = prepare(request) ? await runCell(request) : { exitCode: 1, result: null, kind: null };
+      const message = {
+        event: 'done', exit_code: outcome.exitCode, result: outcome.result, error_kind: outcome.kind,
+        time_ms: Number(process.hrtime.bigint() - started) / 1e6,
+      };
+      if (cellToken !== null) message.token = cellToken;
+      send(message);
+      try {
+        request = recv(); // blocks: between cells the interpreter waits, timers included
+      } catch (_) {
+        process.reallyExit(0);
+      }
+    }
+  }
+
   function report(outcome, started) {
     if (finished) return;
     finished = true;
@@ -243,6 +399,10 @@
     fs.mkdirSync('artifacts', { recursive: true });
     send({ event: 'ready' });
     const request = recv();
+    if (request.cell) {
+      serveCells(request);
+      return;
+    }
     token = typeof request.token === 'string' ? request.token : null;
     delete request.token;
     const started = process.hrtime.bigint();

@@ -5,6 +5,12 @@ waits for one request on its control fd, runs ``main(**arguments)`` (``async def
 the outcome on its events fd. stdout and stderr are exactly what the program printed. After the
 report it blocks until the host destroys the sandbox. Standard library only.
 
+A request with a ``cell`` member starts a session instead: each frame is a cell run in one
+namespace kept across cells (no ``main``; the last expression statement's value is the
+result, as JSON or else as its repr; top-level ``await`` runs in one event loop kept across
+cells), interrupted by SIGALRM at ``cell.timeout_s`` (reported as ``error_kind: "time"``);
+after each report the driver waits for the next cell.
+
 The channel fds and the request's token live in locals of :func:`serve` (and closures
 made there), never in module globals or the environment: user code cannot reach them by
 name (``sys.modules["driver"]``, ``__main__``, ``os.environ``). The host believes only a
@@ -239,12 +245,96 @@ def _run(request):
         print(code, file=sys.stderr)
         return 1, None, None
     except BaseException as exc:  # the user's program failed: report, never crash the driver
-        kind = _error_kind(exc)
+        return _failed(exc)
+
+
+def _failed(exc):
+    """(1, None, error_kind) for a program that raised ``exc``, its traceback printed."""
+    kind = _error_kind(exc)
+    try:
+        _print_exception(exc)
+    except MemoryError:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1, None, kind
+
+
+class _CellTimeout(BaseException):
+    """Raised in a cell by the driver's alarm at the cell's time limit."""
+
+
+#: the longest text result (a repr) a cell returns
+MAX_TEXT_RESULT_CHARS = 1 << 20
+
+
+def _cell_value(value):
+    """The result of a cell's last expression: JSON when it can be, else its repr as text;
+    None (like an assignment) is no result."""
+    if value is None:
+        return {"present": False, "value": None}
+    result, problem = _encode_result(value)
+    if problem is None:
+        return result
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ is the program's: say so as the text
+        text = f"<{type(value).__name__} object (repr failed: {type(exc).__name__})>"
+    return {"present": True, "value": text[:MAX_TEXT_RESULT_CHARS], "type": "text"}
+
+
+def _cell_runner():
+    """A function that runs one cell in a namespace kept across cells, with top-level
+    ``await`` in one event loop kept across cells; returns (exit_code, result, error_kind)."""
+    import ast
+    import inspect
+    import linecache
+    import signal
+
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    state = {"cells": 0, "loop": None}
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+
+    def evaluate(code):
+        value = eval(code, namespace)
+        if code.co_flags & inspect.CO_COROUTINE:
+            if state["loop"] is None:
+                import asyncio
+
+                state["loop"] = asyncio.new_event_loop()
+            value = state["loop"].run_until_complete(value)
+        return value
+
+    def alarm(signum, frame):
+        raise _CellTimeout()
+
+    def run_cell(request):
+        source = request["code"]
+        state["cells"] += bool(source)  # the session's set-up cell is empty
+        name = f"<cell {state['cells']}>"
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+        timeout_s = float(request["cell"].get("timeout_s") or 0)
+        previous = signal.signal(signal.SIGALRM, alarm)
         try:
-            _print_exception(exc)
-        except MemoryError:
-            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1, None, kind
+            try:
+                signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                tree = compile(source, name, "exec", flags | ast.PyCF_ONLY_AST)
+                last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+                evaluate(compile(tree, name, "exec", flags))
+                value = evaluate(compile(ast.Expression(last.value), name, "eval", flags)) if last else None
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except _CellTimeout:
+            print(f"TimeoutError: the cell ran longer than {timeout_s:g}s and was interrupted; "
+                  "the session keeps its state", file=sys.stderr)
+            return 1, None, "time"
+        except SystemExit:
+            raise  # sys.exit() ends the session's interpreter
+        except BaseException as exc:  # the cell failed: report, the session lives on
+            return _failed(exc)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+        return 0, _cell_value(value), None
+
+    return run_cell
 
 
 def preload():
@@ -274,28 +364,44 @@ def serve(control_fd, events_fd):
     os.makedirs("artifacts", exist_ok=True)
     send({"event": "ready"})
     request = recv()
-    token = request.pop("token", None)
-    started = time.perf_counter()
-    if _prepare(request):
-        exit_code, result, kind = _run(request)
-    else:
-        exit_code, result, kind = 1, None, None
-    del request
-    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    run_cell = _cell_runner() if "cell" in request else None
+    while True:
+        token = request.pop("token", None)
+        started = time.perf_counter()
+        try:
+            if _prepare(request):
+                exit_code, result, kind = run_cell(request) if run_cell else _run(request)
+            else:
+                exit_code, result, kind = 1, None, None
+        except SystemExit as exc:  # a cell called sys.exit(): the session's interpreter ends
+            _flush()
+            os._exit(exc.code if isinstance(exc.code, int) else 1)
+        del request
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        _flush()
+        report = {"event": "done", "exit_code": exit_code, "result": result, "error_kind": kind, "time_ms": elapsed_ms}
+        if token is not None:
+            report["token"] = token
+        del token
+        send(report)
+        if run_cell is None:
+            break
+        try:
+            request = recv()  # the session's next cell
+        except EOFError:
+            os._exit(0)
+    try:
+        wait()  # block until the host destroys the sandbox
+    finally:
+        os._exit(exit_code)
+
+
+def _flush():
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
-    report = {"event": "done", "exit_code": exit_code, "result": result, "error_kind": kind, "time_ms": elapsed_ms}
-    if token is not None:
-        report["token"] = token
-    del token
-    send(report)
-    try:
-        wait()  # block until the host destroys the sandbox
-    finally:
-        os._exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ command that builds them, `execbox build` says what it installs, `execbox --vers
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from execbox import __version__
 from execbox.cli import app
 from execbox.errors import RuntimeEnvironmentError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
+from execbox.runtimes.nodejs import NODEJS
 from execbox.service import environments
 from execbox.service.executor import Executor
 from execbox.settings import Settings
@@ -82,7 +84,8 @@ def test_build_says_what_it_installs_and_how_far_it_is(tmp_path: Path, monkeypat
     assert "building runtime 1 of 2: python" in text
     assert "building runtime 2 of 2: nodejs" in text
     assert "python: [2/4] pip install of 4 packages: numpy==" in text
-    assert "nodejs: [1/1] npm install of 1 packages: axios" in text
+    npm_packages = sorted(json.loads(NODEJS.packages_file.read_text())["dependencies"])
+    assert f"nodejs: [1/1] npm install of {len(npm_packages)} packages: {', '.join(npm_packages)}" in text
     assert "python: built in" in text
     pip = next(argv for argv in commands if "install" in argv and "-r" in argv)
     assert "--quiet" not in pip  # pip's own lines (each package collected, installed) are shown
