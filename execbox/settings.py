@@ -21,7 +21,7 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from execbox.errors import ConfigurationError
-from execbox.models import Limits
+from execbox.models import Language, Limits
 
 __all__ = [
     "BackendChoice",
@@ -177,6 +177,9 @@ class Settings(BaseSettings):
         description="executions one long-lived gVisor sandbox serves, each in a fresh inner sandbox (1 = single-use)",
     )
     gvisor_sandbox_lifetime: Duration = Field(600.0, description="longest life of one long-lived gVisor sandbox")
+    languages: str = Field(
+        "python,nodejs", description="languages served (comma-separated); each needs its runtime environment built"
+    )
     max_sessions: int = Field(32, ge=0, le=4096, description="live sessions in all (each holds a sandbox); 0 = sessions off")
     session_idle_timeout: Duration = Field(600.0, description="a session unused this long is closed")
     session_max_lifetime: Duration = Field(3600.0, description="a session is closed this long after it was made")
@@ -216,6 +219,21 @@ class Settings(BaseSettings):
     def _check_rate(cls, value: str) -> str:
         parse_rate(value)
         return value
+
+    @field_validator("languages")
+    @classmethod
+    def _check_languages(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        known = [language.value for language in Language]
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise ValueError(f"{value!r} must name one or more of {', '.join(known)}, comma-separated")
+        return ",".join(dict.fromkeys(names))
+
+    @property
+    def served_languages(self) -> tuple[Language, ...]:
+        """The languages of SANDBOX_LANGUAGES, in order."""
+        return tuple(Language(name) for name in self.languages.split(","))
 
     @field_validator("gvisor_platform")
     @classmethod

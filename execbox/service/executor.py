@@ -21,7 +21,7 @@ from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, San
 from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits, SkippedArtifact
 from execbox.policy import inspect_code
 from execbox.pool import PoolStats, SandboxPool
-from execbox.runtimes import RUNTIMES, get_runtime
+from execbox.runtimes import get_runtime
 from execbox.service.backends import select_backend
 from execbox.service.classify import (
     EXIT_BUSY,
@@ -39,19 +39,20 @@ log = logging.getLogger("execbox.executor")
 executions_log = logging.getLogger("execbox.executions")
 
 
-def check_environments(settings: Settings, languages: tuple[Language, ...] = tuple(RUNTIMES)) -> list[str]:
-    """Warnings for the runtime environments that are missing; RuntimeEnvironmentError,
-    with the command that builds them, when none of ``languages`` has one."""
+def check_environments(settings: Settings, languages: tuple[Language, ...] | None = None) -> list[str]:
+    """RuntimeEnvironmentError, with the command that builds them, when a runtime
+    environment of ``languages`` (default: SANDBOX_LANGUAGES) is missing; no warnings otherwise."""
+    languages = settings.served_languages if languages is None else languages
     missing = [rt for rt in map(get_runtime, languages) if not rt.env_dir(settings.runtime_dir).is_dir()]
-    build = "build them with `execbox build` (or `make build`)"
-    if missing and len(missing) == len(languages):
+    if missing:
         names = ", ".join(rt.name for rt in missing)
-        raise RuntimeEnvironmentError(f"no runtime environment ({names}) is built under {settings.runtime_dir}: {build}")
-    return [
-        f"the {rt.name} runtime environment is missing at {rt.env_dir(settings.runtime_dir)}: "
-        f"{rt.name} requests cannot run; {build}"
-        for rt in missing
-    ]
+        served = [language.value for language in languages if language not in {rt.language for rt in missing}]
+        drop = f", or serve only {','.join(served)} with SANDBOX_LANGUAGES={','.join(served)}" if served else ""
+        raise RuntimeEnvironmentError(
+            f"the {names} runtime environment is missing under {settings.runtime_dir}: "
+            f"build it with `execbox build` (or `make build`){drop}"
+        )
+    return []
 
 
 class Executor:
@@ -61,16 +62,16 @@ class Executor:
         self,
         settings: Settings,
         backend: IsolationBackend | None = None,
-        languages: tuple[Language, ...] = tuple(RUNTIMES),
+        languages: tuple[Language, ...] | None = None,
         pool_size: int | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.warnings: list[str] = []
-        self._languages = languages
+        self._languages = settings.served_languages if languages is None else languages
         self._pool_size = settings.executor_manager_pool_size if pool_size is None else pool_size
         self._pools: dict[Language, SandboxPool] = {}
-        workers = max(4, 4 * max(self._pool_size, 1) * len(languages))
+        workers = max(4, 4 * max(self._pool_size, 1) * len(self._languages))
         self._run_threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="execbox-run")
         self._build_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="execbox-build")
         self._closing = False

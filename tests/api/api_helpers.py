@@ -90,7 +90,8 @@ class Service:
     """One execbox service in a subprocess (see the module docstring)."""
 
     def __init__(
-        self, name: str, settings: dict[str, str] | None = None, runtimes: tuple[str, ...] | None = None
+        self, name: str, settings: dict[str, str] | None = None, runtimes: tuple[str, ...] | None = None,
+        empty_runtimes: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         block = next(_uid_blocks)
@@ -104,6 +105,8 @@ class Service:
         source = _runtime_dir()
         for runtime in runtimes if runtimes is not None else tuple(p.name for p in source.iterdir() if p.is_dir()):
             (self.state_dir / "runtimes" / runtime).symlink_to(source / runtime)
+        for runtime in empty_runtimes:  # present, but with nothing in it: its sandboxes cannot start
+            (self.state_dir / "runtimes" / runtime).mkdir()
         self.settings = {
             "SANDBOX_BACKEND": BACKEND,
             "SANDBOX_EXECUTOR_MANAGER_POOL_SIZE": "2",

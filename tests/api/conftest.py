@@ -26,8 +26,8 @@ def make_service(backend_ready: None) -> Iterator[Any]:
     started: list[Service] = []
 
     def factory(name: str, settings: dict[str, str] | None = None, *, runtimes: tuple[str, ...] | None = None,
-                require_healthy: bool = True) -> Service:
-        service = Service(name, settings, runtimes)
+                empty_runtimes: tuple[str, ...] = (), require_healthy: bool = True) -> Service:
+        service = Service(name, settings, runtimes, empty_runtimes)
         started.append(service)
         return service.start(require_healthy=require_healthy)
 

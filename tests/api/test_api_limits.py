@@ -164,10 +164,10 @@ def test_rate_limited_is_minus_429(limited: Service) -> None:
 
 @pytest.fixture(scope="module")
 def broken(make_service: Any) -> Iterator[Service]:
-    """A service whose Node.js runtime environment is missing: its nodejs pool never fills."""
+    """A service whose Python runtime environment is broken (empty): its python pool never fills."""
     service = make_service(
         "broken", {"SANDBOX_EXECUTOR_MANAGER_POOL_SIZE": "1", "SANDBOX_POOL_WAIT": "1s"},
-        runtimes=("python",), require_healthy=False,
+        runtimes=("nodejs",), empty_runtimes=("python",), require_healthy=False,
     )
     yield service
     service.cleanup()
@@ -181,12 +181,12 @@ def test_health_is_503_while_a_pool_cannot_fill(broken: Service) -> None:
 
 
 def test_internal_fault_is_minus_3(broken: Service) -> None:
-    body = run(broken, "function main() {\n  return 1;\n}\n", language="nodejs")
+    body = run(broken, "def main():\n    return 1\n")
     assert body["status"] == "program_runner_error", body
     assert body["exit_code"] == -3
     assert body["detail"] == "internal_error"
 
 
 def test_other_language_still_runs_when_one_pool_is_broken(broken: Service) -> None:
-    body = run(broken, "def main():\n    return 'python works'\n")
-    assert body["result"]["value"] == "python works"
+    body = run(broken, "function main() {\n  return 'nodejs works';\n}\n", language="nodejs")
+    assert body["result"]["value"] == "nodejs works"

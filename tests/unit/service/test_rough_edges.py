@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from execbox import __version__
 from execbox.cli import app
-from execbox.errors import RuntimeEnvironmentError
+from execbox.errors import ConfigurationError, RuntimeEnvironmentError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.runtimes.nodejs import NODEJS
 from execbox.service import environments
@@ -55,16 +55,31 @@ def test_an_empty_state_directory_stops_start_up_with_the_build_command(tmp_path
     asyncio.run(executor.close())
 
 
-def test_one_missing_runtime_is_a_warning_naming_the_build_command(tmp_path: Path) -> None:
+def test_one_missing_runtime_stops_start_up_naming_the_build_command(tmp_path: Path) -> None:
     state = tmp_path / "state"
     (state / "runtimes" / "python").mkdir(parents=True)
     settings = Settings.load(env_file=None, state_dir=state)
     executor = Executor(settings, backend=NoSandboxes(), pool_size=0)
+    with pytest.raises(RuntimeEnvironmentError, match=r"nodejs runtime environment is missing.*execbox build.*SANDBOX_LANGUAGES=python"):
+        asyncio.run(executor.start())
+    asyncio.run(executor.close())
+
+
+def test_serving_only_the_built_languages_starts(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "runtimes" / "python").mkdir(parents=True)
+    settings = Settings.load(env_file=None, state_dir=state, languages="python")
+    executor = Executor(settings, backend=NoSandboxes(), pool_size=0)
     asyncio.run(executor.start())
     try:
-        assert any("nodejs" in w and "execbox build" in w for w in executor.warnings), executor.warnings
+        assert [s.name.split("/")[0] for s in executor.pool_stats()] == ["python"]
     finally:
         asyncio.run(executor.close())
+
+
+def test_languages_setting_is_checked() -> None:
+    with pytest.raises(ConfigurationError, match="SANDBOX_LANGUAGES"):
+        Settings.load(env_file=None, languages="python,cobol")
 
 
 def test_build_says_what_it_installs_and_how_far_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
