@@ -97,6 +97,7 @@ SIZE_RANGES: dict[str, tuple[int, int]] = {
     "max_output": (1 * _K, 1 * _G),
     "max_disk": (1 * _M, 64 * _G),
     "max_code_size": (1 * _K, 32 * _M),
+    "max_body_size": (64 * _K, 1 * _G),
 }
 DURATION_RANGES_S: dict[str, tuple[float, float]] = {
     "timeout": (0.01, 86400.0),
@@ -160,6 +161,11 @@ class Settings(BaseSettings):
     pool_wait: Duration = Field(10.0, description="how long a request waits for a free sandbox")
     rate_limit: str = Field("", description="per-client request rate, e.g. 100/minute; empty = off")
     max_code_size: Size = Field(1 << 20, description="largest accepted source (HTTP 413 above)")
+    max_body_size: Size = Field(
+        16 << 20,
+        description="largest request body, JSON or a session file upload (HTTP 413 above, chunked or not); "
+        "at least the base64 of SANDBOX_MAX_CODE_SIZE plus 64k",
+    )
     body_timeout: Duration = Field(
         30.0, description="a request body must arrive in full within this time (HTTP 408 and the connection closed)"
     )
@@ -211,6 +217,16 @@ class Settings(BaseSettings):
         if self.uid_base + self.uid_count > (1 << 32) - 2:
             raise ValueError(
                 f"SANDBOX_UID_BASE + SANDBOX_UID_COUNT = {self.uid_base + self.uid_count} is beyond the largest uid"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _body_holds_code(self) -> Settings:
+        needed = 4 * -(-self.max_code_size // 3) + 64 * _K  # the code as base64, and room for the rest
+        if self.max_body_size < needed:
+            raise ValueError(
+                f"SANDBOX_MAX_BODY_SIZE={_size_text(self.max_body_size)} cannot carry a request with "
+                f"SANDBOX_MAX_CODE_SIZE={_size_text(self.max_code_size)} of code: set it to at least {_size_text(needed)}"
             )
         return self
 

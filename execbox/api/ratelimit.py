@@ -18,6 +18,10 @@ class RateLimiter:
         self._max_clients = max_clients
 
     def allow(self, client: str) -> bool:
+        return self.acquire(client) is None
+
+    def acquire(self, client: str) -> float | None:
+        """None when ``client`` may go on (a token spent), else the seconds until it may."""
         now = time.monotonic()
         tokens, last = self._buckets.pop(client, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - last) * self.rate_per_s)
@@ -25,4 +29,4 @@ class RateLimiter:
         self._buckets[client] = (tokens - 1.0 if allowed else tokens, now)
         while len(self._buckets) > self._max_clients:
             self._buckets.popitem(last=False)
-        return allowed
+        return None if allowed else (1.0 - tokens) / self.rate_per_s

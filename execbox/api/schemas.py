@@ -11,16 +11,22 @@ import base64
 import binascii
 import os
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from execbox import wire
 from execbox.models import (
+    CellRequest,
     ExecutionResult,
     Language,
+    Limits,
     ResourceLimitType,
     RuntimeErrorType,
+    SessionFile,
+    SessionInfo,
+    SessionRequest,
     Status,
     UnauthorizedAccessType,
 )
@@ -28,11 +34,18 @@ from execbox.models import (
 __all__ = [
     "MIN_MEMORY_BYTES",
     "ArtifactOut",
+    "CellIn",
     "ExecuteRequest",
     "ExecuteResponse",
     "LimitsIn",
     "RunRequest",
     "RunResponse",
+    "SessionCreateIn",
+    "SessionCreatedOut",
+    "SessionFileOut",
+    "SessionFilesOut",
+    "SessionListOut",
+    "SessionOut",
     "SkippedArtifactOut",
     "decode_code",
 ]
@@ -47,6 +60,20 @@ def _encodable(value: str, what: str) -> str:
     if (found := _SURROGATE.search(value)) is not None:
         raise ValueError(f"{what} holds a lone surrogate (U+{ord(found.group()):04X}) at index {found.start()}, "
                          "which is not valid Unicode text")
+    return value
+
+
+def _checked_env(value: dict[str, str]) -> dict[str, str]:
+    """``value`` if every name and value can be an environment variable."""
+    for key, item in value.items():
+        if not key:
+            raise ValueError("an environment variable name must not be empty")
+        if "=" in key or "\0" in key:
+            raise ValueError(f"environment variable name {key!r} must not contain '=' or NUL")
+        if "\0" in item:
+            raise ValueError(f"the value of environment variable {key!r} must not contain NUL")
+        _encodable(key, f"environment variable name {key!r}")
+        _encodable(item, f"the value of environment variable {key!r}")
     return value
 
 
@@ -150,16 +177,7 @@ class ExecuteRequest(BaseModel):
     @field_validator("env")
     @classmethod
     def _valid_env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, item in value.items():
-            if not key:
-                raise ValueError("an environment variable name must not be empty")
-            if "=" in key or "\0" in key:
-                raise ValueError(f"environment variable name {key!r} must not contain '=' or NUL")
-            if "\0" in item:
-                raise ValueError(f"the value of environment variable {key!r} must not contain NUL")
-            _encodable(key, f"environment variable name {key!r}")
-            _encodable(item, f"the value of environment variable {key!r}")
-        return value
+        return _checked_env(value)
 
     @field_validator("files")
     @classmethod
@@ -199,3 +217,100 @@ class ExecuteResponse(RunResponse):
     @classmethod
     def from_result(cls, result: ExecutionResult) -> ExecuteResponse:
         return cls.model_validate(wire.result_to_json(result, native=True))
+
+
+# -- sessions ------------------------------------------------------------------------------
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+class SessionCreateIn(BaseModel):
+    """``POST /v1/sessions`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    language: Language = Language.PYTHON
+    limits: LimitsIn | None = Field(None, description="each cell's limits, as for /v1/execute")
+    idle_timeout_s: int | None = Field(
+        None, gt=0, le=86400, description="seconds without a call before the session ends (at most the server's)"
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+
+    @field_validator("env")
+    @classmethod
+    def _valid_env(cls, value: dict[str, str]) -> dict[str, str]:
+        return _checked_env(value)
+
+    def to_request(self, limits: Limits | None) -> SessionRequest:
+        return SessionRequest(
+            language=self.language, limits=limits, idle_timeout_s=self.idle_timeout_s, env=self.env
+        )
+
+
+class CellIn(BaseModel):
+    """``POST /v1/sessions/{id}/execute`` body: one cell."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(description="the cell; names of earlier cells are visible, no main() needed")
+    stdin: str = Field("", description="text the cell reads from sys.stdin (Python)")
+    timeout_s: float | None = Field(None, gt=0, le=86400, description="seconds, at most the session's wall time limit")
+
+    @field_validator("code", "stdin")
+    @classmethod
+    def _valid_text(cls, value: str) -> str:
+        return _encodable(value, "the text")
+
+    def to_request(self) -> CellRequest:
+        return CellRequest(code=self.code, stdin=self.stdin, timeout_s=self.timeout_s)
+
+
+class SessionCreatedOut(BaseModel):
+    """A new session (times in ISO 8601, UTC)."""
+
+    id: str
+    language: Language
+    created_at: datetime
+    expires_at: datetime
+    idle_timeout_s: float
+    backend: str
+
+    @classmethod
+    def from_info(cls, info: SessionInfo) -> SessionCreatedOut:
+        return cls(
+            id=info.id, language=info.language, created_at=_utc(info.created_at), expires_at=_utc(info.expires_at),
+            idle_timeout_s=info.idle_timeout_s, backend=info.backend,
+        )
+
+
+class SessionOut(SessionCreatedOut):
+    """A live session's description."""
+
+    executions: int
+    last_used_at: datetime
+
+    @classmethod
+    def from_info(cls, info: SessionInfo) -> SessionOut:
+        created = SessionCreatedOut.from_info(info)
+        return cls(**created.model_dump(), executions=info.executions, last_used_at=_utc(info.last_used_at))
+
+
+class SessionListOut(BaseModel):
+    sessions: list[SessionOut]
+
+
+class SessionFileOut(BaseModel):
+    """A file in a session's workspace: its path relative to the workspace, its size in bytes."""
+
+    path: str
+    size: int
+
+    @classmethod
+    def from_file(cls, file: SessionFile) -> SessionFileOut:
+        return cls(path=file.path, size=file.size)
+
+
+class SessionFilesOut(BaseModel):
+    files: list[SessionFileOut]

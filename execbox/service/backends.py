@@ -41,6 +41,10 @@ def build_backend(name: str, settings: Settings) -> IsolationBackend:
             uid_base=settings.uid_base,
             uid_count=settings.uid_count,
         )
+    if name == "unisolated-test":  # execbox.isolation.unisolated: never built from settings, never by auto
+        raise ConfigurationError(
+            "SANDBOX_BACKEND='unisolated-test': that backend isolates nothing; only a test may build it, in code"
+        )
     raise ConfigurationError(f"SANDBOX_BACKEND={name!r}: unknown backend; use auto, gvisor or namespaces")
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 
 BACKEND = os.environ.get("EXECBOX_TEST_BACKEND", "namespaces")
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 START_TIMEOUT_S = 120.0
 #: first sandbox uid of the test services; each service gets UID_BLOCK uids of its own
 UID_BASE = 64000
@@ -138,6 +139,8 @@ class Service:
     def start(self, require_healthy: bool = True) -> Service:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
         env.update(self.settings)
+        # the execbox of this checkout, not whichever one the virtualenv has installed
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO_ROOT), env.get("PYTHONPATH"))))
         self.port = free_port()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -185,6 +188,8 @@ class Service:
 
 
 MAX_CODE_SIZE = 64 * 1024
+#: SANDBOX_MAX_BODY_SIZE of the main test service
+MAX_BODY_SIZE = 1 << 20
 
 
 def backend_unavailable_reason() -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import MAX_CODE_SIZE, Service, backend_unavailable_reason
+from api_helpers import MAX_BODY_SIZE, MAX_CODE_SIZE, Service, backend_unavailable_reason
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +38,13 @@ def make_service(backend_ready: None) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def service(make_service: Any) -> Iterator[Service]:
-    """The main service: pool of 2, RAGFlow's defaults otherwise, small code limit (64 KiB).
+    """The main service: pool of 2, RAGFlow's defaults otherwise, small code and body limits (64 KiB, 1 MiB).
 
     Module-scoped (not session): no service of these tests outlives its module, so the
     suites that run after tests/api see no stray child process of pytest."""
-    service = make_service("main", {"SANDBOX_MAX_CODE_SIZE": str(MAX_CODE_SIZE)})
+    service = make_service(
+        "main", {"SANDBOX_MAX_CODE_SIZE": str(MAX_CODE_SIZE), "SANDBOX_MAX_BODY_SIZE": str(MAX_BODY_SIZE)}
+    )
     yield service
     service.cleanup()
 

@@ -6,7 +6,7 @@ import base64
 
 import httpx
 import pytest
-from api_helpers import MAX_CODE_SIZE, b64
+from api_helpers import MAX_BODY_SIZE, MAX_CODE_SIZE, b64
 
 
 def post(client: httpx.Client, body: object) -> httpx.Response:
@@ -73,8 +73,16 @@ def test_code_just_under_the_limit_runs(client: httpx.Client) -> None:
 
 
 def test_huge_body_is_413_before_it_is_parsed(client: httpx.Client) -> None:
-    response = client.post("/run", content=b"x" * (4 << 20), headers={"content-type": "application/json"})
+    response = client.post("/run", content=b"x" * (MAX_BODY_SIZE + 1), headers={"content-type": "application/json"})
     assert response.status_code == 413, response.text[:200]
+
+
+def test_a_body_at_the_cap_is_read(client: httpx.Client) -> None:
+    body = b'{"code_b64": "' + b64("def main():\n    return 1\n").encode() + b'"}'
+    padded = body + b" " * (MAX_BODY_SIZE - len(body))  # JSON allows trailing whitespace
+    response = client.post("/run", content=padded, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text[:200]
+    assert response.json()["result"]["value"] == 1
 
 
 def test_native_code_over_the_limit_is_413(client: httpx.Client) -> None:

@@ -154,6 +154,7 @@ def test_rate_limited_is_minus_429(limited: Service) -> None:
         assert body["status"] == "program_runner_error"
         assert body["exit_code"] == -429
         assert "Too many requests, please try again later" in (body["stderr"] + (body["detail"] or ""))
+        assert 1 <= int(response.headers["retry-after"]) <= 60  # 3/minute: a token every 20 s
         # the native API shares the budget; health checks are never limited
         assert client.post("/v1/execute", json={"code": "def main():\n    return 1\n"}).status_code == 429
         assert client.get("/healthz").status_code == 200

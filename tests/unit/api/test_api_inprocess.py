@@ -20,7 +20,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from execbox.api.app import create_app
-from execbox.isolation.base import DriverReport, IsolationBackend, OutputSink, RunOutcome, Sandbox, SandboxSpec
+from execbox.isolation.base import (
+    DriverReport,
+    IsolationBackend,
+    OutputSink,
+    RunOutcome,
+    Sandbox,
+    SandboxSpec,
+)
 from execbox.models import ExecutionRequest, Limits
 from execbox.service.executor import Executor
 from execbox.settings import Settings

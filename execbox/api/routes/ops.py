@@ -1,0 +1,64 @@
+"""Operations: health (``/``, ``/healthz``), liveness (``/livez``), ``/v1/info``, ``/metrics``.
+
+None of these is rate limited. ``/healthz`` is readiness: 200 once code can run, 503
+while a pool cannot build sandboxes. ``/livez`` is liveness: the process answers,
+whatever the pools do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from execbox.api.body import StrictJSONRoute
+from execbox.api.deps import ExecutorDep, MetricsDep, SettingsDep
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["operations"], route_class=StrictJSONRoute)
+
+
+async def _health(executor: ExecutorDep) -> JSONResponse:
+    stats = executor.pool_stats()
+    serving = bool(stats) and all(s.ready > 0 or s.created_total > 0 or s.size == 0 for s in stats)
+    body: dict[str, Any] = {
+        "status": "ok" if serving else "starting",
+        "backend": executor.backend_name,
+        "isolation": executor.backend_info,
+        "warnings": executor.warnings,
+        "pools": [s.__dict__ for s in stats],
+    }
+    return JSONResponse(body, status_code=200 if serving else 503)
+
+
+router.get("/", summary="Health (RAGFlow)")(_health)
+router.get("/healthz", summary="Readiness: ok once code can run")(_health)
+
+
+@router.get("/livez", summary="Liveness: the process answers (whatever the pools do)")
+async def livez() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/v1/info", summary="Backend, runtimes, limits and pool state")
+async def info(settings: SettingsDep, executor: ExecutorDep) -> dict[str, Any]:
+    return {
+        "backend": executor.backend_name,
+        "isolation": executor.backend_info,
+        "warnings": executor.warnings,
+        "limits": settings.default_limits().model_dump(),
+        "code_check": settings.code_check.value,
+        "network": settings.enable_network,
+        "pools": [s.__dict__ for s in executor.pool_stats()],
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def prometheus(executor: ExecutorDep, metrics: MetricsDep) -> Response:
+    for stat in executor.pool_stats():
+        metrics.ready.labels(stat.name).set(stat.ready)
+        metrics.leased.labels(stat.name).set(stat.leased)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
