@@ -329,6 +329,7 @@ class SupervisedSandbox(Sandbox):
                 "before the program starts\n".encode(),
             )
         self._renice(0)
+        cpu_before_ms = self.cgroup.cpu_time_ms() if cell_timeout_s is not None else None
         token = secrets.token_hex(16)
         seen = supervise(
             token=token,
@@ -358,6 +359,8 @@ class SupervisedSandbox(Sandbox):
             if seen.timed_out or seen.output_capped or seen.violation:
                 exit_code = signal_number = None  # we killed it: the verdict says why
         oom_killed, memory_peak_bytes, cpu_time_ms = self._usage()
+        if cpu_before_ms is not None and cpu_time_ms is not None:
+            cpu_time_ms = max(0.0, cpu_time_ms - cpu_before_ms)  # a session's cell: its own CPU time
         oom_killed = oom_killed or seen.oom_notified
         return RunOutcome(
             stdout=seen.stdout,
