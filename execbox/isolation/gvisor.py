@@ -438,6 +438,11 @@ class GVisorBackend(IsolationBackend):
         ``runsc run`` normally deletes it; its files are named ``<id>_sandbox:<id>.*``)."""
         if any(self._root.glob(f"{sandbox_id}_*")):
             self._run_runsc("delete", "--force", sandbox_id)
+        # runsc can leave the empty lock file of a container whose state it already removed
+        # (a `runsc run` ended under load): nothing uses it once the container is gone
+        if not any(p.suffix != ".lock" for p in self._root.glob(f"{sandbox_id}_*")):
+            for lock in self._root.glob(f"{sandbox_id}_*.lock"):
+                lock.unlink(missing_ok=True)
 
     def reap(self) -> int:
         """Remove what a crashed service left: runsc containers, workspace mounts, bundles and
