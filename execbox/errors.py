@@ -18,12 +18,20 @@ exception, a timeout, an OOM kill, a disallowed syscall) is data in
     │   └── PoolClosedError         the pool is shutting down
     ├── BadRequestError             a request is invalid (unknown language, limits above maxima...)
     ├── NotFoundError               no such session or file (or not the caller's)
-    └── LimitExceededError          a quota or a service-wide cap is reached (says when to retry)
+    ├── LimitExceededError          a quota or a service-wide cap is reached (says when to retry)
+    ├── AuthenticationError         the service refused the API key (missing or wrong)
+    ├── ServiceError                the service answered an error with no other name here (a 5xx...)
+    └── ServiceUnreachableError     the service could not be reached, or the connection broke
+
+The client (``execbox.client``) raises the last six for the service's answers: 400/413/422
+-> BadRequestError, 404 -> NotFoundError, 429/503 -> LimitExceededError, 401 ->
+AuthenticationError, each with the service's own message.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "BackendUnavailableError",
     "BadRequestError",
     "ConfigurationError",
@@ -37,6 +45,8 @@ __all__ = [
     "SandboxError",
     "SandboxProtocolError",
     "SandboxStartError",
+    "ServiceError",
+    "ServiceUnreachableError",
 ]
 
 
@@ -94,3 +104,20 @@ class LimitExceededError(ExecboxError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class AuthenticationError(ExecboxError):
+    """The service refused the request's API key: missing or wrong (HTTP 401)."""
+
+
+class ServiceError(ExecboxError):
+    """The service answered with an error the client has no other exception for (a 5xx, an
+    answer that is not what the endpoint sends); ``status_code`` is the HTTP status."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class ServiceUnreachableError(ExecboxError):
+    """The client could not reach the service, or the connection broke or timed out."""

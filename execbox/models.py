@@ -9,7 +9,14 @@ import base64
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+)
 
 __all__ = [
     "Artifact",
@@ -101,7 +108,11 @@ class ExecutionRequest(_Frozen):
 
 
 class Artifact(_Frozen):
-    """A file the program saved under ``artifacts/``."""
+    """A file the program saved under ``artifacts/``.
+
+    As JSON (``model_dump_json()``, ``model_dump(mode="json")``) ``content`` is standard
+    base64, and ``model_validate_json`` reads it back; the HTTP answers are written by
+    execbox.wire (which names the field ``content_b64``)."""
 
     name: str
     mime_type: str
@@ -111,6 +122,17 @@ class Artifact(_Frozen):
     @property
     def content_b64(self) -> str:
         return base64.b64encode(self.content).decode("ascii")
+
+    @field_serializer("content", when_used="json")
+    def _content_as_base64(self, content: bytes) -> str:
+        return base64.b64encode(content).decode("ascii")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_from_base64(cls, value: object, info: ValidationInfo) -> object:
+        if info.mode == "json" and isinstance(value, str):
+            return base64.b64decode(value, validate=True)
+        return value
 
 
 class SkippedArtifact(_Frozen):
