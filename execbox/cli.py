@@ -1,4 +1,4 @@
-"""``execbox`` command line: run, doctor, build, serve (``--version``, ``--env-file FILE``)."""
+"""``execbox`` command line: run, doctor, build, serve, mcp (``--version``, ``--env-file FILE``)."""
 
 from __future__ import annotations
 
@@ -155,6 +155,23 @@ def serve(
     import uvicorn
 
     from execbox.api.app import create_app
+
+    settings = _service_settings()
+    if os.geteuid() != 0:
+        logging.getLogger("execbox").warning("not running as root: the namespaces backend will be unavailable")
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.bind_host,
+        port=port or settings.executor_manager_port,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",  # each execution already logs one structured line
+        timeout_graceful_shutdown=int(settings.timeout) + 5,
+    )
+
+
+def _service_settings():  # type: ignore[no-untyped-def]
+    """The settings of a long-running service (``serve``, ``mcp``), its runtime environments
+    checked (exit 1 when none is built) and its logging on stderr."""
     from execbox.service.executor import check_environments
 
     settings = _settings()
@@ -167,16 +184,26 @@ def serve(
         level=settings.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    if os.geteuid() != 0:
-        logging.getLogger("execbox").warning("not running as root: the namespaces backend will be unavailable")
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.bind_host,
-        port=port or settings.executor_manager_port,
-        log_level=settings.log_level,
-        access_log=settings.log_level == "debug",  # each execution already logs one structured line
-        timeout_graceful_shutdown=int(settings.timeout) + 5,
-    )
+    return settings
+
+
+@app.command()
+def mcp(
+    pool_size: Annotated[int, typer.Option(min=0, max=16, help="warm sandboxes kept ready per language")] = 1,
+) -> None:
+    """Serve MCP (Model Context Protocol) on stdin/stdout, for an agent host that starts execbox
+    itself: tools run_code, create_session, run_in_session, close_session (docs/mcp.md). Logs
+    go to stderr; stdout carries only the protocol."""
+    from execbox.api.mcp import serve_stdio
+
+    settings = _service_settings()
+    try:
+        asyncio.run(serve_stdio(settings, pool_size=pool_size))
+    except KeyboardInterrupt:
+        pass
+    except ExecboxError as exc:
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 if __name__ == "__main__":
