@@ -376,7 +376,7 @@ async def serve_stdio(settings: Settings, pool_size: int = 1) -> None:
     warm sandboxes per language) and the sessions start once the SDK holds stdout, so that
     no child process inherits the protocol's descriptor; every sandbox is gone on return."""
     executor = Executor(settings, pool_size=pool_size)
-    sessions = SessionManager(settings, executor) if hasattr(SessionManager, "create") else None
+    sessions = SessionManager(settings, executor)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer[Any]) -> AsyncIterator[None]:
@@ -384,12 +384,10 @@ async def serve_stdio(settings: Settings, pool_size: int = 1) -> None:
             for warning in executor.warnings:
                 log.warning("%s", warning)
             log.info("execbox MCP server on stdio, %s backend", executor.backend_name)
-            if sessions is not None:
-                await sessions.start()
+            await sessions.start()
             try:
                 yield
             finally:
-                if sessions is not None:
-                    await sessions.close()
+                await sessions.close()
 
     await build_mcp(settings, executor, sessions, lifespan=lifespan).run_stdio_async()

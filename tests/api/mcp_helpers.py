@@ -35,8 +35,6 @@ from execbox.settings import Settings
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
-#: whether the session manager has landed (before it, the session tools are not offered)
-SESSIONS_IMPLEMENTED = hasattr(SessionManager, "create")
 
 
 def stdio_server(env: dict[str, str], cwd: Path) -> StdioServerParameters:
@@ -50,20 +48,18 @@ def stdio_server(env: dict[str, str], cwd: Path) -> StdioServerParameters:
 def service_app(settings: Settings) -> FastAPI:
     """What the HTTP service does to serve MCP: build, route /mcp, run the lifespans nested."""
     executor = Executor(settings, pool_size=1)
-    sessions = SessionManager(settings, executor) if SESSIONS_IMPLEMENTED else None  # type: ignore[call-arg]
+    sessions = SessionManager(settings, executor)
     mcp_http = mcp_http_app(build_mcp(settings, executor, sessions), settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with executor:
-            if sessions is not None:
-                await sessions.start()
+            await sessions.start()
             try:
                 async with mcp_http.lifespan():
                     yield
             finally:
-                if sessions is not None:
-                    await sessions.close()
+                await sessions.close()
 
     app = FastAPI(lifespan=lifespan)
     app.router.add_route(MCP_PATH, mcp_http.asgi, include_in_schema=False)

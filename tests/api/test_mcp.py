@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from api_helpers import Service, free_port
 from mcp_helpers import (
-    SESSIONS_IMPLEMENTED,
     Connection,
     UvicornThread,
     service_app,
@@ -25,10 +24,6 @@ from execbox.settings import Settings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 START_TIMEOUT_S = 120.0
-needs_sessions = pytest.mark.skipif(
-    not SESSIONS_IMPLEMENTED,
-    reason="execbox.service.sessions.SessionManager is still the placeholder: the session tools are not offered",
-)
 
 
 def _settings_of(service: Service) -> Settings:
@@ -68,8 +63,7 @@ def text_of(result: CallToolResult) -> str:
 
 def test_tools_are_listed_with_their_schemas(mcp: Connection) -> None:
     tools = {tool.name: tool for tool in mcp.call(lambda client: client.list_tools()).tools}
-    expected = {"run_code"} | ({"create_session", "run_in_session", "close_session"} if SESSIONS_IMPLEMENTED else set())
-    assert set(tools) == expected
+    assert set(tools) == {"run_code", "create_session", "run_in_session", "close_session"}
     run_code = tools["run_code"]
     schema = run_code.input_schema
     assert schema["required"] == ["code"]
@@ -78,10 +72,9 @@ def test_tools_are_listed_with_their_schemas(mcp: Connection) -> None:
     assert "object" in json.dumps(schema["properties"]["arguments"])
     for phrase in ("main", "artifacts/", "numpy", "pandas", "matplotlib", "axios", "Network: none", "10 s wall time"):
         assert phrase in run_code.description, phrase
-    if SESSIONS_IMPLEMENTED:
-        assert tools["run_in_session"].input_schema["required"] == ["session_id", "code"]
-        assert tools["close_session"].input_schema["required"] == ["session_id"]
-        assert tools["create_session"].output_schema["properties"]["session_id"]["type"] == "string"
+    assert tools["run_in_session"].input_schema["required"] == ["session_id", "code"]
+    assert tools["close_session"].input_schema["required"] == ["session_id"]
+    assert tools["create_session"].output_schema["properties"]["session_id"]["type"] == "string"
 
 
 def test_run_code_python(mcp: Connection) -> None:
@@ -153,7 +146,6 @@ def test_an_invalid_argument_is_a_tool_error_not_a_protocol_error(mcp: Connectio
     assert "language" in text_of(result)
 
 
-@needs_sessions
 @pytest.mark.parametrize(
     ("language", "cells", "expected"),
     [
@@ -181,7 +173,6 @@ def test_a_session_keeps_state_and_is_gone_after_close(
     assert "create a new one" in text_of(after)
 
 
-@needs_sessions
 def test_a_failing_cell_is_an_error_and_the_session_lives_on(mcp: Connection) -> None:
     session_id = call(mcp, "create_session").structured_content["session_id"]
     try:
@@ -196,7 +187,6 @@ def test_a_failing_cell_is_an_error_and_the_session_lives_on(mcp: Connection) ->
         call(mcp, "close_session", session_id=session_id)
 
 
-@needs_sessions
 def test_an_unknown_session_is_an_error_result(mcp: Connection) -> None:
     for tool, extra in (("run_in_session", {"code": "1"}), ("close_session", {})):
         result = call(mcp, tool, session_id="no-such-session", **extra)
