@@ -15,6 +15,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -163,10 +164,25 @@ def read_result(response: httpx.Response) -> ExecutionResult:
         raise ServiceError(f"the answer is not an execution result: {exc}", response.status_code) from exc
 
 
+def _epoch_s(value: Any) -> Any:
+    """A time of the wire (ISO 8601, UTC) as SessionInfo holds it: seconds since the epoch."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return value  # left for SessionInfo to refuse, naming the field
+    return value
+
+
 def _session_info(data: Mapping[str, Any]) -> SessionInfo:
     known = {k: v for k, v in data.items() if k in SessionInfo.model_fields}
     known.setdefault("last_used_at", data.get("created_at"))  # the answer of create has no use yet
-    return SessionInfo.model_validate(known)
+    for name in ("created_at", "expires_at", "last_used_at"):
+        known[name] = _epoch_s(known.get(name))
+    try:
+        return SessionInfo.model_validate(known)
+    except ValueError as exc:
+        raise ServiceError(f"the answer is not a session's description: {exc}") from exc
 
 
 def _read_session(response: httpx.Response) -> SessionInfo:

@@ -36,8 +36,8 @@ RESULT = ExecutionResult(
     status=Status.SUCCESS, stdout="hi\n", result=ResultValue(present=True, value={"n": 1}), backend="namespaces",
     artifacts=(Artifact(name="chart.png", mime_type="image/png", size=len(PNG), content=PNG),),
 )
-SESSION = {"id": "s-1", "language": "python", "created_at": 1.0, "expires_at": 3601.0, "idle_timeout_s": 600,
-           "backend": "namespaces"}
+SESSION = {"id": "s-1", "language": "python", "created_at": "1970-01-01T00:00:01Z",
+           "expires_at": "1970-01-01T01:00:01.500000Z", "idle_timeout_s": 600.0, "backend": "namespaces"}
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
@@ -168,8 +168,8 @@ def test_sessions_files_and_paths() -> None:
         ("PUT", "/v1/sessions/s-1/files/data/in%20put.csv"): answer({"path": "data/in put.csv", "size": 3}, 201),
         ("GET", "/v1/sessions/s-1/files/data/in%20put.csv"): httpx.Response(200, content=b"a,b"),
         ("GET", "/v1/sessions/s-1/files"): answer({"files": [{"path": "data/in put.csv", "size": 3}]}),
-        ("GET", "/v1/sessions/s-1"): answer({**SESSION, "executions": 1, "last_used_at": 5.0}),
-        ("GET", "/v1/sessions"): answer({"sessions": [{**SESSION, "executions": 1, "last_used_at": 5.0}]}),
+        ("GET", "/v1/sessions/s-1"): answer({**SESSION, "executions": 1, "last_used_at": "1970-01-01T00:00:05Z"}),
+        ("GET", "/v1/sessions"): answer({"sessions": [{**SESSION, "executions": 1, "last_used_at": "1970-01-01T00:00:05Z"}]}),
         ("DELETE", "/v1/sessions/s-1"): httpx.Response(204),
     }
     seen: list[tuple[str, str, bytes]] = []
@@ -186,7 +186,8 @@ def test_sessions_files_and_paths() -> None:
             assert session.upload("data/in put.csv", b"a,b").size == 3
             assert session.download("data/in put.csv") == b"a,b"
             assert [f.path for f in session.files()] == ["data/in put.csv"]
-            assert session.info().executions == 1
+            info = session.info()
+            assert (info.executions, info.created_at, info.expires_at, info.last_used_at) == (1, 1.0, 3601.5, 5.0)
             assert [s.id for s in client.list_sessions()] == ["s-1"]
     assert json.loads(seen[0][2]) == {"language": "python", "limits": {"wall_time_s": 2}, "idle_timeout_s": 60}
     assert json.loads(seen[1][2]) == {"code": "x = 1\nx"}
@@ -200,7 +201,7 @@ def test_dot_segments_reach_the_service_for_it_to_refuse() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         paths.append(request.url.raw_path.decode())
         if request.url.path == "/v1/sessions/s-1":
-            return answer({**SESSION, "last_used_at": 1.0})
+            return answer({**SESSION, "last_used_at": SESSION["created_at"]})
         return answer({"detail": "path '../etc/passwd' is outside the workspace"}, 400)
 
     with client_for(handler) as client:
