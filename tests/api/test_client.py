@@ -160,7 +160,7 @@ def test_an_unreachable_service_raises_service_unreachable() -> None:
 @pytest.mark.parametrize("language", ["python", "nodejs"])
 def test_a_session_with_files(guarded: Client, language: str) -> None:
     cells = {
-        "python": ["import pandas as pd\ndf = pd.read_csv('in.csv')", "df['b'] = df['a'] * 2\ndf.to_csv('out.csv', index=False)",
+        "python": ["import pandas as pd\ndf = pd.read_csv('in.csv')", "df['b'] = df['a'] * 2\ndf[['b']].to_csv('out.csv', index=False)",
                    "int(df['b'].sum())"],
         "nodejs": ["const fs = require('fs'); let rows = fs.readFileSync('in.csv', 'utf8').trim().split('\\n').slice(1)",
                    "fs.writeFileSync('out.csv', 'b\\n' + rows.map(r => 2 * r).join('\\n') + '\\n')",
@@ -175,7 +175,7 @@ def test_a_session_with_files(guarded: Client, language: str) -> None:
         assert result.result is not None and result.result.value == 12
         assert {f.path for f in session.files()} >= {"in.csv", "out.csv"}
         assert session.download("in.csv") == b"a\n1\n2\n3\n"
-        assert b"2\n4\n6" in session.download("out.csv")
+        assert session.download("out.csv") == b"b\n2\n4\n6\n"
         assert session.info().executions == len(cells)
         assert session.id in {s.id for s in guarded.list_sessions()}
         with pytest.raises(BadRequestError):
