@@ -23,4 +23,6 @@ from execbox.client.aio import AsyncClient, AsyncSession
 from execbox.client.calls import DEFAULT_URL, OutputEvent, ResultEvent, StreamEvent
 from execbox.client.sync import Client, Session
 
-__all__ = ["DEFAULT_URL", "AsyncClient", "AsyncSession", "Client", "OutputEvent", "ResultEvent", "Session", "StreamEvent"]
+__all__ = [
+    "DEFAULT_URL", "AsyncClient", "AsyncSession", "Client", "OutputEvent", "ResultEvent", "Session", "StreamEvent",
+]

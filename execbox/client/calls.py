@@ -22,15 +22,8 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict
 
-from execbox.errors import (
-    AuthenticationError,
-    BadRequestError,
-    ExecboxError,
-    LimitExceededError,
-    NotFoundError,
-    ServiceError,
-    ServiceUnreachableError,
-)
+from execbox import errors
+from execbox.errors import ExecboxError, ServiceError
 from execbox.models import ExecutionResult, Language, Limits, SessionFile, SessionInfo
 from execbox.wire import result_from_json
 
@@ -46,6 +39,7 @@ __all__ = [
     "LimitsArg",
     "OutputEvent",
     "ResultEvent",
+    "SessionHandle",
     "StreamEvent",
     "answer",
     "cell_call",
@@ -306,13 +300,13 @@ def error_for(response: httpx.Response) -> ExecboxError:
     message = _detail(response)
     where = f"{response.request.method} {response.request.url.path}"
     if status in (400, 413, 422):
-        return BadRequestError(message)
+        return errors.BadRequestError(message)
     if status == 401 or status == 403:
-        return AuthenticationError(f"{where}: {message}")
+        return errors.AuthenticationError(f"{where}: {message}")
     if status == 404:
-        return NotFoundError(message)
+        return errors.NotFoundError(message)
     if status in (429, 503):
-        return LimitExceededError(message, retry_after_s=_retry_after_s(response))
+        return errors.LimitExceededError(message, retry_after_s=_retry_after_s(response))
     return ServiceError(f"{where}: HTTP {status}: {message}", status)
 
 
@@ -322,7 +316,7 @@ def translated() -> Iterator[None]:
     try:
         yield
     except httpx.TransportError as exc:
-        raise ServiceUnreachableError(f"{type(exc).__name__}: {exc}") from exc
+        raise errors.ServiceUnreachableError(f"{type(exc).__name__}: {exc}") from exc
     except httpx.HTTPError as exc:
         raise ServiceError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -370,6 +364,19 @@ class EventParser:
 
 def stream_end() -> ServiceError:
     return ServiceError("the stream ended before its result event")
+
+
+class SessionHandle:
+    """What both session classes hold: their client, and the session's id, language, backend."""
+
+    def __init__(self, client: Any, info: SessionInfo) -> None:
+        self._client = client
+        self.id = info.id
+        self.language = info.language
+        self.backend = info.backend
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, language={self.language.value!r})"
 
 
 def http_headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:

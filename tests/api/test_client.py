@@ -160,7 +160,8 @@ def test_an_unreachable_service_raises_service_unreachable() -> None:
 @pytest.mark.parametrize("language", ["python", "nodejs"])
 def test_a_session_with_files(guarded: Client, language: str) -> None:
     cells = {
-        "python": ["import pandas as pd\ndf = pd.read_csv('in.csv')", "df['b'] = df['a'] * 2\ndf[['b']].to_csv('out.csv', index=False)",
+        "python": ["import pandas as pd\ndf = pd.read_csv('in.csv')",
+                   "df['b'] = df['a'] * 2\ndf[['b']].to_csv('out.csv', index=False)",
                    "int(df['b'].sum())"],
         "nodejs": ["const fs = require('fs'); let rows = fs.readFileSync('in.csv', 'utf8').trim().split('\\n').slice(1)",
                    "fs.writeFileSync('out.csv', 'b\\n' + rows.map(r => 2 * r).join('\\n') + '\\n')",
