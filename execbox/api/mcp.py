@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import (
     BlobResourceContents,
@@ -49,6 +49,7 @@ from mcp_types import (
     ToolAnnotations,
 )
 from pydantic import BaseModel, Field
+from starlette.requests import Request
 from starlette.types import ASGIApp
 
 from execbox.errors import BadRequestError, LimitExceededError, NotFoundError
@@ -260,12 +261,14 @@ def build_mcp(
     executor: Executor,
     sessions: SessionManager | None,
     *,
-    owner: str | None = None,
+    owner_of: Callable[[Request | None], str | None] | None = None,
     lifespan: Callable[[MCPServer[Any]], AbstractAsyncContextManager[Any]] | None = None,
 ) -> MCPServer[Any]:
     """The MCP server over ``executor`` (run_code) and ``sessions`` (the session tools;
-    without a manager they are not offered). ``owner`` is the sessions' owner (the API
-    key's name; None when keys are off). Neither is started here: their owner does it
+    without a manager they are not offered). ``owner_of(request)`` names the owner of the
+    sessions a tool call makes and may use (the API key's name), from the HTTP request of
+    the call (None over stdio); without it every session's owner is None, as when keys are
+    off. Neither executor nor manager is started here: their owner does it
     (the HTTP app's lifespan, or ``lifespan``, which stdio's :func:`serve_stdio` uses)."""
     from execbox import __version__
 
@@ -304,9 +307,17 @@ def build_mcp(
     if sessions is None:
         return server
 
-    async def create_session(language: LanguageArg = "python") -> Annotated[CallToolResult, SessionCreated]:
+    def owner(ctx: Context[Any, Any]) -> str | None:
+        if owner_of is None:
+            return None
+        request = getattr(ctx.request_context, "request", None)
+        return owner_of(request if isinstance(request, Request) else None)
+
+    async def create_session(
+        ctx: Context[Any, Any], language: LanguageArg = "python"
+    ) -> Annotated[CallToolResult, SessionCreated]:
         try:
-            info = await sessions.create(SessionRequest(language=Language(language)), owner)
+            info = await sessions.create(SessionRequest(language=Language(language)), owner(ctx))
         except (LimitExceededError, BadRequestError) as exc:
             return _refusal(f"no session created: {exc}")
         text = (f"session_id: {info.id} ({info.language.value}, backend {info.backend}); it ends after "
@@ -315,19 +326,19 @@ def build_mcp(
         return CallToolResult(content=[TextContent(type="text", text=text)],
                               structured_content=SessionCreated(session_id=info.id).model_dump())
 
-    async def run_in_session(session_id: SessionId, code: Code) -> CallToolResult:
+    async def run_in_session(ctx: Context[Any, Any], session_id: SessionId, code: Code) -> CallToolResult:
         if (refused := too_large(code)) is not None:
             return refused
         try:
-            return tool_result(await sessions.execute(session_id, CellRequest(code=code), owner))
+            return tool_result(await sessions.execute(session_id, CellRequest(code=code), owner(ctx)))
         except NotFoundError as exc:
             return _refusal(f"{exc}: the session was closed, expired or ended; create a new one")
         except (BadRequestError, LimitExceededError) as exc:
             return _refusal(str(exc))
 
-    async def close_session(session_id: SessionId) -> CallToolResult:
+    async def close_session(ctx: Context[Any, Any], session_id: SessionId) -> CallToolResult:
         try:
-            await sessions.delete(session_id, owner)
+            await sessions.delete(session_id, owner(ctx))
         except NotFoundError as exc:
             return _refusal(f"{exc}: nothing to close")
         return CallToolResult(content=[TextContent(type="text", text=f"session {session_id} closed")])

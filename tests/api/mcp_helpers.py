@@ -23,10 +23,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx2
 import uvicorn
 from fastapi import FastAPI
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from starlette.requests import Request
 
 from execbox.api.mcp import MCP_PATH, build_mcp, mcp_http_app
 from execbox.service.executor import Executor
@@ -45,11 +48,11 @@ def stdio_server(env: dict[str, str], cwd: Path) -> StdioServerParameters:
     )
 
 
-def service_app(settings: Settings) -> FastAPI:
+def service_app(settings: Settings, owner_of: Callable[[Request | None], str | None] | None = None) -> FastAPI:
     """What the HTTP service does to serve MCP: build, route /mcp, run the lifespans nested."""
     executor = Executor(settings, pool_size=1)
     sessions = SessionManager(settings, executor)
-    mcp_http = mcp_http_app(build_mcp(settings, executor, sessions), settings)
+    mcp_http = mcp_http_app(build_mcp(settings, executor, sessions, owner_of=owner_of), settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -67,12 +70,14 @@ def service_app(settings: Settings) -> FastAPI:
 
 
 class Connection:
-    """One MCP client connection (``server`` as mcp.Client takes it), held open by one task
-    on a loop thread; ``call(lambda client: client.call_tool(...))`` runs on it."""
+    """One MCP client connection (``server`` as mcp.Client takes it; a URL may come with
+    ``headers`` for every request), held open by one task on a loop thread;
+    ``call(lambda client: client.call_tool(...))`` runs on it."""
 
-    def __init__(self, server: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, server: Any, loop: asyncio.AbstractEventLoop, headers: dict[str, str] | None = None) -> None:
         self.loop = loop
         self._server = server
+        self._headers = headers
         self._client: Client | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -82,7 +87,13 @@ class Connection:
     async def _hold(self) -> None:
         self._stop = asyncio.Event()
         try:
-            async with Client(self._server, read_timeout_seconds=120) as client:
+            async with contextlib.AsyncExitStack() as stack:
+                server = self._server
+                if self._headers is not None:
+                    timeout = httpx2.Timeout(30.0, read=300.0)  # the SDK's own client's
+                    http = await stack.enter_async_context(httpx2.AsyncClient(headers=self._headers, timeout=timeout))
+                    server = streamable_http_client(self._server, http_client=http)
+                client = await stack.enter_async_context(Client(server, read_timeout_seconds=120))
                 self._client = client
                 self._ready.set()
                 await self._stop.wait()

@@ -193,6 +193,40 @@ def test_an_unknown_session_is_an_error_result(mcp: Connection) -> None:
         assert result.is_error is True, tool
 
 
+@pytest.fixture(scope="module")
+def owners(backend_ready: None, event_loop_thread: Any) -> Iterator[dict[str, Connection]]:
+    """Two HTTP connections to one server whose session owner is the X-Test-Owner header."""
+    service = Service("mcp-owners", {"SANDBOX_EXECUTOR_MANAGER_POOL_SIZE": "1"})
+    app = service_app(_settings_of(service), owner_of=lambda request: request.headers.get("x-test-owner") if request else None)
+    server = UvicornThread(app, free_port(), event_loop_thread.loop)
+    connections: dict[str, Connection] = {}
+    try:
+        server.wait_started(START_TIMEOUT_S)
+        for name in ("alice", "bob"):
+            connections[name] = Connection(server.url, event_loop_thread.loop, headers={"X-Test-Owner": name})
+            connections[name].wait_connected(START_TIMEOUT_S)
+        yield connections
+    finally:
+        for connection in connections.values():
+            connection.close()
+        server.stop()
+        service.cleanup()
+
+
+def test_sessions_belong_to_the_owner_of_the_request(owners: dict[str, Connection]) -> None:
+    alice, bob = owners["alice"], owners["bob"]
+    session_id = call(alice, "create_session").structured_content["session_id"]
+    try:
+        assert call(alice, "run_in_session", session_id=session_id, code="secret = 1").is_error is False
+        for tool, extra in (("run_in_session", {"code": "secret"}), ("close_session", {})):
+            refused = call(bob, tool, session_id=session_id, **extra)
+            assert refused.is_error is True, tool
+        kept = call(alice, "run_in_session", session_id=session_id, code="secret + 1")
+        assert "result: 2" in text_of(kept)
+    finally:
+        assert call(alice, "close_session", session_id=session_id).is_error is False
+
+
 def test_stdio_stdout_carries_only_the_protocol(backend_ready: None) -> None:
     """Start-up logs (at debug level), the program's output and shutdown go elsewhere: every
     line ``execbox mcp`` writes on stdout is a JSON-RPC message."""
