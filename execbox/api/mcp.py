@@ -366,7 +366,7 @@ class MCPHttpApp:
 
 def mcp_http_app(server: MCPServer[Any], settings: Settings) -> MCPHttpApp:
     """The ASGI app and lifespan of ``server`` over streamable HTTP (stateless, SSE answers),
-    with the service's code-size limit on bodies. Bound to a loopback address, it refuses
+    with the service's body limit (SANDBOX_MAX_BODY_SIZE). Bound to a loopback address, it refuses
     requests whose Host or Origin is not loopback (the SDK's DNS-rebinding protection)."""
     security = None
     if settings.bind_host in ("127.0.0.1", "localhost", "::1"):
@@ -377,7 +377,7 @@ def mcp_http_app(server: MCPServer[Any], settings: Settings) -> MCPHttpApp:
         )
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH, stateless_http=True, transport_security=security,
-        max_request_body_size=2 * settings.max_code_size + (1 << 20), host=settings.bind_host,
+        max_request_body_size=settings.max_body_size, host=settings.bind_host,
     )
     return MCPHttpApp(asgi=app, lifespan=server.session_manager.run)
 
