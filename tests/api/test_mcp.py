@@ -239,6 +239,7 @@ def test_stdio_stdout_carries_only_the_protocol(backend_ready: None) -> None:
         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
             "name": "run_code", "arguments": {"code": "def main():\n    print('{\"jsonrpc\": \"2.0\"}')\n    return 3\n"}}},
     ]
+    process = None
     try:
         with service.log_path.open("wb") as log:  # a file: a full stderr pipe would block the server
             process = subprocess.Popen(
@@ -259,6 +260,9 @@ def test_stdio_stdout_carries_only_the_protocol(backend_ready: None) -> None:
         process.wait(START_TIMEOUT_S)
         err = service.log_path.read_bytes()
     finally:
+        if process is not None and process.poll() is None:  # a failed test: its sandboxes go first
+            process.kill()
+            process.wait(START_TIMEOUT_S)
         service.cleanup()
     replies = [json.loads(line) for line in lines if line.strip()]
     assert all(reply.get("jsonrpc") == "2.0" for reply in replies), lines
