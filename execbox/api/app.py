@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from execbox.api.body import BodyTimeout, StrictJSONRoute
 from execbox.api.deps import RateGate, RateLimitedError, retry_after_header
+from execbox.api.mcp import MCP_PATH, build_mcp, mcp_http_app
 from execbox.api.metrics import Metrics
 from execbox.api.ratelimit import RateLimiter
 from execbox.api.routes import execute as execute_routes
@@ -49,6 +50,7 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
     """The ASGI app; it starts (and on shutdown closes) its Executor and SessionManager in its lifespan."""
     engine = executor or Executor(settings)
     manager = sessions if sessions is not None else _session_manager(settings, engine)
+    mcp_http = mcp_http_app(build_mcp(settings, engine, manager), settings)  # /mcp, over the same executor
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -59,7 +61,8 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
             await start()
         log.info("execbox serving with the %s backend", engine.backend_name)
         try:
-            yield
+            async with mcp_http.lifespan():
+                yield
         finally:
             log.info("execbox shutting down: destroying every sandbox")
             try:
@@ -85,6 +88,7 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
     _add_error_handlers(app)
     for module in (ops_routes, ragflow_routes, execute_routes, sessions_routes):
         app.include_router(module.router)
+    app.router.add_route(MCP_PATH, mcp_http.asgi, include_in_schema=False)
     return app
 
 
