@@ -24,11 +24,13 @@ from execbox.errors import ConfigurationError
 from execbox.models import Language, Limits
 
 __all__ = [
+    "REPLICA_NAME_PATTERN",
     "BackendChoice",
     "CodeCheckMode",
     "Settings",
     "parse_duration_s",
     "parse_rate",
+    "parse_replica_peers",
     "parse_size_bytes",
     "unknown_variables",
 ]
@@ -85,6 +87,30 @@ def parse_rate(value: Any) -> tuple[int, float] | None:
     if not match or int(match.group(1)) <= 0:
         raise ValueError(f"{value!r} is not {RATE_FORM}")
     return int(match.group(1)), _RATE_PERIODS_S[match.group(2)]
+
+
+#: a replica's name (e.g. a pod's): what stands before the last "." of its session ids, and
+#: in the host name of SANDBOX_REPLICA_URL_TEMPLATE (never a "/", ":" or "@")
+REPLICA_NAME_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?")
+PEERS_FORM = "name=url pairs separated by commas, such as a=http://10.0.0.5:9385,b=http://10.0.0.6:9385"
+
+
+def _is_http_url(text: str) -> bool:
+    scheme, _, rest = text.partition("://")
+    return scheme in ("http", "https") and bool(rest) and not rest.startswith("/")
+
+
+def parse_replica_peers(value: Any) -> dict[str, str]:
+    """``"a=http://h1:9385,b=http://h2:9385"`` -> {"a": "http://h1:9385", "b": "http://h2:9385"}."""
+    peers: dict[str, str] = {}
+    for item in str(value or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, url = (part.strip() for part in item.partition("="))
+        if not sep or not REPLICA_NAME_PATTERN.fullmatch(name) or not _is_http_url(url):
+            raise ValueError(f"{item.strip()!r} is not name=http(s)://host:port (the whole value: {PEERS_FORM})")
+        peers[name] = url.rstrip("/")
+    return peers
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration_s)]
@@ -190,8 +216,16 @@ class Settings(BaseSettings):
     session_idle_timeout: Duration = Field(600.0, description="a session unused this long is closed")
     session_max_lifetime: Duration = Field(3600.0, description="a session is closed this long after it was made")
     replica_name: str = Field(
-        "", pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$|^$",
+        "", pattern=rf"^(?:{REPLICA_NAME_PATTERN.pattern})?$",
         description="this replica's name, the prefix of its session ids (e.g. the pod name); empty = one replica",
+    )
+    replica_url_template: str = Field(
+        "",
+        description="address of another replica, {replica} standing for its name (e.g. http://{replica}.execbox-peers:9385):"
+        " calls for its sessions are forwarded there; see docs/kubernetes.md",
+    )
+    replica_peers: str = Field(
+        "", description="name=url,... of the other replicas (static setups); looked up before the template"
     )
     bind_host: str = Field("0.0.0.0", description="address the HTTP service listens on")
     log_level: str = Field("info", description="debug | info | warning | error")
@@ -258,6 +292,19 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not one of auto, systrap, ptrace, kvm")
         return value.lower()
 
+    @field_validator("replica_url_template")
+    @classmethod
+    def _check_replica_template(cls, value: str) -> str:
+        if value and ("{replica}" not in value or not _is_http_url(value.replace("{replica}", "replica"))):
+            raise ValueError(f"{value!r} is not an http(s) URL with {{replica}} in it, such as http://{{replica}}.execbox-peers:9385")
+        return value
+
+    @field_validator("replica_peers")
+    @classmethod
+    def _check_replica_peers(cls, value: str) -> str:
+        parse_replica_peers(value)
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -291,6 +338,10 @@ class Settings(BaseSettings):
     @property
     def rate(self) -> tuple[int, float] | None:
         return parse_rate(self.rate_limit)
+
+    @property
+    def replica_peer_urls(self) -> dict[str, str]:
+        return parse_replica_peers(self.replica_peers)
 
     @property
     def preload_modules(self) -> tuple[str, ...]:
