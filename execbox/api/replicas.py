@@ -17,8 +17,9 @@ client always sends avoids most hops (docs/kubernetes.md).
 Where a replica is: ``SANDBOX_REPLICA_PEERS`` (``name=url,...``) first, then
 ``SANDBOX_REPLICA_URL_TEMPLATE`` with ``{replica}`` replaced (on Kubernetes a headless
 Service gives each pod a DNS name: ``http://{replica}.execbox-peers:9385``). Only a name of
-the form of a DNS label is put into the template, so an id cannot point the service at an
-address of the client's choosing.
+the form of SANDBOX_REPLICA_NAME (letters, digits, ``-`` and ``.``) is put into the
+template, so an id cannot change its scheme, port or path, nor leave the domain the
+template puts the name under.
 
 What holds:
 
@@ -81,18 +82,19 @@ _RESPONSE_DROPPED = (_REQUEST_DROPPED - {"host", "expect"}) | {"date", "server"}
 
 def session_replica(session_id: str) -> str | None:
     """The replica a session id names (``"execbox-7d9f-x2k4q.<32 hex>"`` ->
-    ``"execbox-7d9f-x2k4q"``); None for an id without one, or not of that form."""
+    ``"execbox-7d9f-x2k4q"``, as execbox.service.sessions.replica_of); None for an id
+    without one, or not of that form."""
     replica, dot, token = session_id.rpartition(".")
     if not dot or not _SESSION_TOKEN.fullmatch(token) or not REPLICA_NAME_PATTERN.fullmatch(replica):
         return None
     return replica
 
 
-def forwarder_options(settings: Settings, replica_name: str | None) -> dict[str, Any]:
+def forwarder_options(settings: Settings) -> dict[str, Any]:
     """The keyword arguments of :class:`ReplicaForwarder` from the settings:
-    ``app.add_middleware(ReplicaForwarder, **forwarder_options(settings, settings.replica_name))``."""
+    ``app.add_middleware(ReplicaForwarder, **forwarder_options(settings))``."""
     return {
-        "replica_name": replica_name or None,
+        "replica_name": settings.replica_name or None,
         "peers": settings.replica_peer_urls,
         "url_template": settings.replica_url_template or None,
     }

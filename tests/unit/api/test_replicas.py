@@ -128,7 +128,8 @@ def refusing(calls: list[httpx.Request]) -> httpx.MockTransport:
         (TOKEN, None),  # a service without a replica name
         (f"owner.{TOKEN[:-1]}", None),  # not 32 hex
         (f"owner.{TOKEN.upper()}", None),
-        (f"Owner.{TOKEN}", None),  # not a DNS label
+        (f"Replica.A.{TOKEN}", "Replica.A"),  # what SANDBOX_REPLICA_NAME accepts
+        (f"owner_1.{TOKEN}", None),
         (f"evil.com:80/x.{TOKEN}", None),
         (f"-owner.{TOKEN}", None),
         (f".{TOKEN}", None),
@@ -395,7 +396,8 @@ def test_peers_come_before_the_template() -> None:
                              url_template="http://{replica}.execbox-peers.ns.svc:9385")
     assert proxy.replica_url("b") == "http://10.0.0.2:9385"
     assert proxy.replica_url("execbox-5c-x2") == "http://execbox-5c-x2.execbox-peers.ns.svc:9385"
-    assert proxy.replica_url("evil.com:80/") is None  # never a name that is not a DNS label
+    assert proxy.replica_url("evil.com:80/") is None  # never a name that could change the URL's form
+    assert proxy.replica_url("user@host") is None
 
 
 def test_the_template_decides_where_a_call_goes() -> None:
@@ -413,14 +415,14 @@ def test_the_template_decides_where_a_call_goes() -> None:
 
 
 def test_options_come_from_the_settings() -> None:
-    settings = Settings.load(None, replica_peers="a=http://127.0.0.1:9001/, b=http://127.0.0.1:9002",
+    settings = Settings.load(None, replica_name="a", replica_peers="a=http://127.0.0.1:9001/, b=http://127.0.0.1:9002",
                              replica_url_template="http://{replica}.execbox-peers:9385")
-    assert forwarder_options(settings, "a") == {
+    assert forwarder_options(settings) == {
         "replica_name": "a",
         "peers": {"a": "http://127.0.0.1:9001", "b": "http://127.0.0.1:9002"},
         "url_template": "http://{replica}.execbox-peers:9385",
     }
-    assert forwarder_options(Settings.load(None), None) == {"replica_name": None, "peers": {}, "url_template": None}
+    assert forwarder_options(Settings.load(None)) == {"replica_name": None, "peers": {}, "url_template": None}
 
 
 @pytest.mark.parametrize(
@@ -428,7 +430,7 @@ def test_options_come_from_the_settings() -> None:
     [
         ("replica_peers", "a=ftp://x:1"),
         ("replica_peers", "a"),
-        ("replica_peers", "Upper=http://x:1"),
+        ("replica_peers", "a/b=http://x:1"),
         ("replica_peers", "a=http://"),
         ("replica_url_template", "http://execbox-peers:9385"),
         ("replica_url_template", "{replica}.execbox-peers:9385"),
