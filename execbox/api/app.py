@@ -23,6 +23,7 @@ from execbox.api.deps import RateGate, RateLimitedError, retry_after_header
 from execbox.api.mcp import MCP_PATH, build_mcp, mcp_http_app
 from execbox.api.metrics import Metrics
 from execbox.api.ratelimit import RateLimiter
+from execbox.api.replicas import ReplicaForwarder, forwarder_options
 from execbox.api.routes import execute as execute_routes
 from execbox.api.routes import ops as ops_routes
 from execbox.api.routes import ragflow as ragflow_routes
@@ -85,6 +86,8 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
     app.state.rate_gate = RateGate(RateLimiter(*settings.rate) if settings.rate else None)
     app.router.route_class = StrictJSONRoute  # and every router's (routes/*)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout)
+    # outermost: a call for another replica's session goes there before anything here
+    app.add_middleware(ReplicaForwarder, **forwarder_options(settings))
     _add_error_handlers(app)
     for module in (ops_routes, ragflow_routes, execute_routes, sessions_routes):
         app.include_router(module.router)
