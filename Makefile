@@ -38,7 +38,7 @@ HEALTH_URL := http://$(HEALTH_HOST):$(PORT)/healthz
 
 # Debian packages the backends need: package -> a file that proves it is installed.
 REQUIRED_PACKAGES := bubblewrap:/usr/bin/bwrap util-linux:/usr/bin/prlimit curl:/usr/bin/curl
-# ... and the multi-replica test's (tests/deploy/test_multi_replica.py): a reverse proxy, a Redis
+# ... and the multi-replica test's (tests/api/test_multi_replica.py): a reverse proxy, a Redis
 REQUIRED_PACKAGES += haproxy:/usr/sbin/haproxy redis-server:/usr/bin/redis-server
 # runsc (gVisor) is optional: without it the service falls back to the namespaces backend.
 # A runsc is good enough when it offers the systrap platform and starts a sandbox on it
