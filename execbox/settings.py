@@ -264,10 +264,10 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "replica_peers")
     @classmethod
-    def _check_rate(cls, value: str) -> str:
-        parse_rate(value)
+    def _check_parses(cls, value: str, info: Any) -> str:
+        {"rate_limit": parse_rate, "replica_peers": parse_replica_peers}[info.field_name](value)
         return value
 
     @field_validator("languages")
@@ -297,12 +297,6 @@ class Settings(BaseSettings):
     def _check_replica_template(cls, value: str) -> str:
         if value and ("{replica}" not in value or not _is_http_url(value.replace("{replica}", "replica"))):
             raise ValueError(f"{value!r} is not an http(s) URL with {{replica}} in it, such as http://{{replica}}.execbox-peers:9385")
-        return value
-
-    @field_validator("replica_peers")
-    @classmethod
-    def _check_replica_peers(cls, value: str) -> str:
-        parse_replica_peers(value)
         return value
 
     @field_validator("log_level")
