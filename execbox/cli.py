@@ -1,4 +1,4 @@
-"""``execbox`` command line: run, doctor, build, serve, mcp (``--version``, ``--env-file FILE``)."""
+"""``execbox`` command line: run, doctor, build, serve, mcp, keys (``--version``, ``--env-file FILE``)."""
 
 from __future__ import annotations
 
@@ -204,6 +204,71 @@ def mcp(
     except ExecboxError as exc:
         typer.echo(f"execbox: {exc}", err=True)
         raise typer.Exit(1) from exc
+
+
+keys_app = typer.Typer(help="Manage the API keys file (SANDBOX_API_KEYS_FILE); see docs/tenancy.md.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+_KeysFile = Annotated[Optional[Path], typer.Option("--file", help="the keys file (default: SANDBOX_API_KEYS_FILE)")]
+
+
+def _keys_file(file: Optional[Path]) -> Path:
+    if file is not None:
+        return file
+    configured = _settings().api_keys_file.strip()
+    if not configured:
+        typer.echo("execbox: SANDBOX_API_KEYS_FILE is not set: set it (in .env or the environment) or pass --file",
+                   err=True)
+        raise typer.Exit(2)
+    return Path(configured)
+
+
+@keys_app.command("add")
+def keys_add(name: Annotated[str, typer.Argument(help="the key's name (labels metrics, owns sessions)")],
+             file: _KeysFile = None) -> None:
+    """Make a new key for NAME, add it to the keys file (mode 0600), print it (only this once)."""
+    from execbox.service.apikeys import add_key
+
+    path = _keys_file(file)
+    try:
+        key = add_key(path, name)
+    except (ConfigurationError, OSError) as exc:
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(key)
+    typer.echo(f"added the key {name!r} to {path}; it is shown only now. A running service accepts it "
+               "within a second.", err=True)
+
+
+@keys_app.command("list")
+def keys_list(file: _KeysFile = None) -> None:
+    """Print the names of the keys in the keys file, one a line (never the keys)."""
+    from execbox.service.apikeys import key_names
+
+    try:
+        names = key_names(_keys_file(file))
+    except (ConfigurationError, OSError) as exc:
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for name in names:
+        typer.echo(name)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="the name of the key to remove")],
+                file: _KeysFile = None) -> None:
+    """Remove NAME's key from the keys file; a running service refuses it within a second."""
+    from execbox.service.apikeys import revoke_key
+
+    path = _keys_file(file)
+    try:
+        removed = revoke_key(path, name)
+    except (ConfigurationError, OSError) as exc:
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if not removed:
+        typer.echo(f"execbox: {path} has no key named {name!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked the key {name!r}", err=True)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,19 @@ exception, a timeout, an OOM kill, a disallowed syscall) is data in
     │   └── SandboxProtocolError    the driver broke the host <-> driver protocol
     ├── PoolError
     │   ├── PoolBusyError           no sandbox became free within the wait time
+    │   │   └── QueueFullError      SANDBOX_QUEUE_MAX requests already wait: refused at once
     │   └── PoolClosedError         the pool is shutting down
     ├── BadRequestError             a request is invalid (unknown language, limits above maxima...)
     ├── NotFoundError               no such session or file (or not the caller's)
     ├── LimitExceededError          a quota or a service-wide cap is reached (says when to retry)
     ├── AuthenticationError         the service refused the API key (missing or wrong)
     ├── ServiceError                the service answered an error with no other name here (a 5xx...)
-    └── ServiceUnreachableError     the service could not be reached, or the connection broke
+    ├── ServiceUnreachableError     the service could not be reached, or the connection broke
+    └── UnavailableError            a store the service relies on (Redis) does not answer (says when to retry)
 
-The client (``execbox.client``) raises the last six for the service's answers: 400/413/422
--> BadRequestError, 404 -> NotFoundError, 429/503 -> LimitExceededError, 401 ->
-AuthenticationError, each with the service's own message.
+The client (``execbox.client``) raises BadRequestError to ServiceUnreachableError for the
+service's answers: 400/413/422 -> BadRequestError, 404 -> NotFoundError, 429/503 ->
+LimitExceededError, 401 -> AuthenticationError, each with the service's own message.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ __all__ = [
     "PoolBusyError",
     "PoolClosedError",
     "PoolError",
+    "QueueFullError",
     "RuntimeEnvironmentError",
     "SandboxError",
     "SandboxProtocolError",
     "SandboxStartError",
     "ServiceError",
     "ServiceUnreachableError",
+    "UnavailableError",
 ]
 
 
@@ -86,6 +90,15 @@ class PoolBusyError(PoolError):
     """No sandbox became free within the wait time."""
 
 
+class QueueFullError(PoolBusyError):
+    """As many requests as the queue holds already wait for a sandbox: refused without waiting
+    (-10 on ``/run``, 503 with ``Retry-After`` on ``/v1``)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class PoolClosedError(PoolError):
     """The pool is shutting down and takes no more leases."""
 
@@ -121,3 +134,12 @@ class ServiceError(ExecboxError):
 
 class ServiceUnreachableError(ExecboxError):
     """The client could not reach the service, or the connection broke or timed out."""
+
+
+class UnavailableError(ExecboxError):
+    """A store the service relies on (the quotas' Redis) does not answer: the request is refused
+    (fail closed, 503 with ``Retry-After``) rather than served without its limits."""
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -17,7 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from execbox.errors import ConfigurationError
@@ -130,6 +130,8 @@ DURATION_RANGES_S: dict[str, tuple[float, float]] = {
     "pool_wait": (0.001, 3600.0),
     "body_timeout": (0.1, 3600.0),
 }
+#: settings whose value is a secret: never in an error message, a log line or an answer
+SECRET_SETTINGS = frozenset({"api_keys", "redis_url"})
 #: SANDBOX_* names RAGFlow's side reads (its docker/.env), which execbox leaves alone in silence
 RAGFLOW_ONLY_VARIABLES = frozenset({"SANDBOX_ENABLED", "SANDBOX_HOST", "SANDBOX_EXECUTOR_MANAGER_IMAGE"})
 
@@ -227,6 +229,24 @@ class Settings(BaseSettings):
     replica_peers: str = Field(
         "", description="name=url,... of the other replicas (static setups); looked up before the template"
     )
+    queue_max: int = Field(
+        100, ge=0, le=100_000,
+        description="requests that may wait for a sandbox, per language; one more is refused at once "
+        "(-10 on /run, 503 on /v1); 0 = none waits",
+    )
+    api_keys_file: str = Field(
+        "", description="file of API keys, one name:key a line; when set (or SANDBOX_API_KEYS), every endpoint "
+        "but /, /healthz, /livez and /metrics needs a key; see docs/tenancy.md",
+    )
+    api_keys: SecretStr = Field(SecretStr(""), description="API keys in the environment: name:key,name:key")
+    run_without_key: bool = Field(False, description="/run needs no key even when keys are on (RAGFlow on a private network)")
+    key_max_concurrent: int = Field(0, ge=0, le=100_000, description="executions one key runs at once; 0 = no limit")
+    key_rate: str = Field("", description="requests per key, e.g. 600/minute; empty = off")
+    key_max_sessions: int = Field(0, ge=0, le=100_000, description="live sessions per key; 0 = no limit")
+    redis_url: SecretStr = Field(
+        SecretStr(""), description="Redis that replicas share the rate and concurrency quotas through "
+        "(redis://host:6379/0); empty = each process on its own",
+    )
     bind_host: str = Field("0.0.0.0", description="address the HTTP service listens on")
     log_level: str = Field("info", description="debug | info | warning | error")
 
@@ -264,10 +284,10 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("rate_limit", "replica_peers")
+    @field_validator("rate_limit", "replica_peers", "key_rate")
     @classmethod
     def _check_parses(cls, value: str, info: Any) -> str:
-        {"rate_limit": parse_rate, "replica_peers": parse_replica_peers}[info.field_name](value)
+        {"rate_limit": parse_rate, "key_rate": parse_rate, "replica_peers": parse_replica_peers}[info.field_name](value)
         return value
 
     @field_validator("languages")
@@ -284,6 +304,14 @@ class Settings(BaseSettings):
     def served_languages(self) -> tuple[Language, ...]:
         """The languages of SANDBOX_LANGUAGES, in order."""
         return tuple(Language(name) for name in self.languages.split(","))
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value().strip()
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("not a Redis URL: redis://[:password@]host:port/db, rediss://... or unix:///path")
+        return SecretStr(url)
 
     @field_validator("gvisor_platform")
     @classmethod
@@ -322,7 +350,8 @@ class Settings(BaseSettings):
                     lines.append(message)
                     continue
                 name = "SANDBOX_" + "_".join(str(p) for p in err["loc"]).upper()
-                lines.append(f"{name}={err.get('input')!r}: {message}")
+                shown = "(secret, not shown)" if err["loc"][0] in SECRET_SETTINGS else repr(err.get("input"))
+                lines.append(f"{name}={shown}: {message}")
             raise ConfigurationError("invalid setting: " + "; ".join(lines)) from exc
 
     @property
@@ -336,6 +365,15 @@ class Settings(BaseSettings):
     @property
     def replica_peer_urls(self) -> dict[str, str]:
         return parse_replica_peers(self.replica_peers)
+
+    @property
+    def key_rate_limit(self) -> tuple[int, float] | None:
+        return parse_rate(self.key_rate)
+
+    @property
+    def keys_enabled(self) -> bool:
+        """API keys are on: a keys file or inline keys are set."""
+        return bool(self.api_keys_file.strip() or self.api_keys.get_secret_value().strip())
 
     @property
     def preload_modules(self) -> tuple[str, ...]:

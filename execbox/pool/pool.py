@@ -4,7 +4,9 @@ Each sandbox serves exactly one execution and is then destroyed; the pool keeps
 ``size`` sandboxes ready so that a request normally pays only for running its code.
 Requests that find none wait first come, first served, up to their deadline. At most
 ``max_live`` sandboxes (ready + leased + being built) exist at once, which bounds the
-memory a burst can take. Sandbox work (create, destroy) runs in worker threads: the
+memory a burst can take. At most ``queue_max`` requests wait at once (None: no bound); one
+more is refused at once with QueueFullError, so that a burst is answered instead of piling
+up until its wait runs out. Sandbox work (create, destroy) runs in worker threads: the
 event loop never blocks on it.
 """
 
@@ -22,6 +24,7 @@ from execbox.errors import (
     ExecboxError,
     PoolBusyError,
     PoolClosedError,
+    QueueFullError,
     SandboxStartError,
 )
 from execbox.isolation.base import Sandbox
@@ -50,10 +53,12 @@ class SandboxPool:
     """Ready sandboxes of one kind (runtime x backend)."""
 
     def __init__(
-        self, name: str, factory: Callable[[], Sandbox], size: int, threads: Executor, max_live: int | None = None
+        self, name: str, factory: Callable[[], Sandbox], size: int, threads: Executor, max_live: int | None = None,
+        queue_max: int | None = None,
     ) -> None:
         self.name = name
         self.size = size
+        self.queue_max = queue_max
         self.max_live = max(max_live or 2 * size, 1)
         self._factory = factory
         self._threads = threads
@@ -100,7 +105,8 @@ class SandboxPool:
     # -- leasing ------------------------------------------------------------------------
 
     async def lease(self, timeout_s: float) -> Sandbox:
-        """A ready sandbox, for one execution; PoolBusyError after ``timeout_s``."""
+        """A ready sandbox, for one execution; PoolBusyError after ``timeout_s``, QueueFullError
+        at once when none is ready and ``queue_max`` leases already wait."""
         if self._closed:
             raise PoolClosedError(f"pool {self.name} is closing")
         while self._ready:
@@ -112,6 +118,8 @@ class SandboxPool:
             log.warning("sandbox %s of pool %s died while ready; replacing it", sandbox.id, self.name)
             self._destroy(sandbox)
         assert self._loop is not None, "pool not started"
+        if self.queue_max is not None and sum(1 for w in self._waiters if not w.done()) >= self.queue_max:
+            raise QueueFullError(f"{self.queue_max} requests already wait for a {self.name} sandbox (the queue is full)")
         waiter: asyncio.Future[Sandbox] = self._loop.create_future()
         self._waiters.append(waiter)
         self._fill()

@@ -16,7 +16,14 @@ from functools import partial
 from typing import Any
 
 from execbox.artifacts import collect_artifacts_report
-from execbox.errors import BadRequestError, ExecboxError, PoolBusyError, PoolClosedError, RuntimeEnvironmentError
+from execbox.errors import (
+    BadRequestError,
+    ExecboxError,
+    PoolBusyError,
+    PoolClosedError,
+    QueueFullError,
+    RuntimeEnvironmentError,
+)
 from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, Sandbox, SandboxSpec
 from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits, SkippedArtifact
 from execbox.policy import inspect_code
@@ -33,7 +40,7 @@ from execbox.service.classify import (
 from execbox.service.specs import sandbox_spec
 from execbox.settings import CodeCheckMode, Settings
 
-__all__ = ["Executor", "check_environments"]
+__all__ = ["Executor", "busy_result", "check_environments"]
 
 log = logging.getLogger("execbox.executor")
 executions_log = logging.getLogger("execbox.executions")
@@ -53,6 +60,11 @@ def check_environments(settings: Settings, languages: tuple[Language, ...] | Non
             f"build it with `execbox build` (or `make build`){drop}"
         )
     return []
+
+
+def busy_result() -> ExecutionResult:
+    """The verdict of a request that found no sandbox: within SANDBOX_POOL_WAIT, or (on /run) a full queue."""
+    return runner_error(EXIT_BUSY, "no_available_container", "Container pool is busy\n")
 
 
 class Executor:
@@ -98,6 +110,7 @@ class Executor:
                 partial(self.backend.create, spec),
                 self._pool_size,
                 self._build_threads,
+                queue_max=self.settings.queue_max,
             )
             pool.start()
             self._pools[language] = pool
@@ -152,7 +165,11 @@ class Executor:
         """Run one request; every failure of the user's program is a verdict, not an exception.
 
         ``on_output``, if given, is called from a worker thread with ("stdout" | "stderr",
-        bytes) as the program prints (the result still carries the whole output)."""
+        bytes) as the program prints (the result still carries the whole output).
+
+        QueueFullError when no sandbox is ready and SANDBOX_QUEUE_MAX requests of the language
+        already wait: an admission refusal before anything ran, which the caller answers
+        (``/run`` with :func:`busy_result`, ``/v1`` with 503 and Retry-After)."""
         started = time.perf_counter()
         result = await self._execute(request, on_output)
         self.log_execution(request, result, started)
@@ -195,8 +212,10 @@ class Executor:
             return runner_error(EXIT_INTERNAL, "internal_error", f"no {request.language.value} pool is running\n")
         try:
             sandbox = await pool.lease(self.settings.pool_wait)
+        except QueueFullError:
+            raise
         except PoolBusyError:
-            return runner_error(EXIT_BUSY, "no_available_container", "Container pool is busy\n")
+            return busy_result()
         except ExecboxError as exc:  # PoolClosedError, or a pool that cannot build sandboxes
             log.error("no sandbox for a %s request: %s", request.language.value, exc)
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
