@@ -159,8 +159,13 @@ def serve(
     settings = _service_settings()
     if os.geteuid() != 0:
         logging.getLogger("execbox").warning("not running as root: the namespaces backend will be unavailable")
+    try:
+        service = create_app(settings)
+    except ExecboxError as exc:  # a malformed keys file, say
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(2) from exc
     uvicorn.run(
-        create_app(settings),
+        service,
         host=host or settings.bind_host,
         port=port or settings.executor_manager_port,
         log_level=settings.log_level,

@@ -112,11 +112,13 @@ class NotFoundError(ExecboxError):
 
 
 class LimitExceededError(ExecboxError):
-    """A quota or a service-wide cap is reached; ``retry_after_s`` says when to try again."""
+    """A quota or a service-wide cap is reached; ``retry_after_s`` says when to try again,
+    ``quota`` which one (``rate``, ``concurrency``, ``address_rate``; empty for the others)."""
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+    def __init__(self, message: str, retry_after_s: float = 1.0, quota: str = "") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.quota = quota
 
 
 class AuthenticationError(ExecboxError):

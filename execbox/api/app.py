@@ -18,22 +18,30 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from execbox.api.auth import KeyAuth
 from execbox.api.body import BodyTimeout, StrictJSONRoute
-from execbox.api.deps import RateGate, RateLimitedError, retry_after_header
+from execbox.api.deps import RateLimitedError, RunRefusal, retry_after_header
 from execbox.api.mcp import MCP_PATH, build_mcp, mcp_http_app
 from execbox.api.metrics import Metrics
-from execbox.api.ratelimit import RateLimiter
 from execbox.api.replicas import ReplicaForwarder, forwarder_options
 from execbox.api.routes import execute as execute_routes
 from execbox.api.routes import ops as ops_routes
 from execbox.api.routes import ragflow as ragflow_routes
 from execbox.api.routes import sessions as sessions_routes
 from execbox.api.schemas import RunResponse
-from execbox.errors import BadRequestError, LimitExceededError, NotFoundError
+from execbox.errors import (
+    BadRequestError,
+    LimitExceededError,
+    NotFoundError,
+    QueueFullError,
+    UnavailableError,
+)
+from execbox.service.apikeys import KeyStore
 from execbox.service.executor import Executor
+from execbox.service.quotas import Quotas
 from execbox.service.sessions import SessionManager
 from execbox.settings import Settings
-from execbox.wire import EXIT_RATE_LIMITED
+from execbox.wire import EXIT_RATE_LIMITED, dumps, result_to_json
 
 __all__ = ["create_app"]
 
@@ -48,16 +56,20 @@ def _session_manager(settings: Settings, executor: Executor) -> SessionManager |
 
 
 def create_app(settings: Settings, executor: Executor | None = None, sessions: SessionManager | None = None) -> FastAPI:
-    """The ASGI app; it starts (and on shutdown closes) its Executor and SessionManager in its lifespan."""
+    """The ASGI app; it starts (and on shutdown closes) its Executor, SessionManager and
+    Quotas in its lifespan. ConfigurationError for a malformed keys setting or file."""
     engine = executor or Executor(settings)
     manager = sessions if sessions is not None else _session_manager(settings, engine)
     mcp_http = mcp_http_app(build_mcp(settings, engine, manager), settings)  # /mcp, over the same executor
+    keys = KeyStore.from_settings(settings)
+    quotas = Quotas.from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         for warning in engine.warnings:
             log.warning("%s", warning)
+        await quotas.start()
         if (start := getattr(manager, "start", None)) is not None:
             await start()
         log.info("execbox serving with the %s backend", engine.backend_name)
@@ -70,7 +82,10 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
                 if (close := getattr(manager, "close", None)) is not None:
                     await close()
             finally:
-                await engine.close()
+                try:
+                    await engine.close()
+                finally:
+                    await quotas.close()
 
     app = FastAPI(
         title="execbox",
@@ -82,10 +97,15 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
     app.state.settings = settings
     app.state.executor = engine
     app.state.sessions = manager
-    app.state.metrics = Metrics()
-    app.state.rate_gate = RateGate(RateLimiter(*settings.rate) if settings.rate else None)
+    app.state.metrics = metrics = Metrics()
+    app.state.quotas = quotas
     app.router.route_class = StrictJSONRoute  # and every router's (routes/*)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout)
+    if keys is not None:  # a request without a key is refused before its body is read
+        app.add_middleware(KeyAuth, keys=keys, run_without_key=settings.run_without_key,
+                           on_refused=metrics.unauthenticated.inc)
+        log.info("API keys on: %d key(s)%s", len(keys.names()),
+                 ", /run open without a key" if settings.run_without_key else "")
     # outermost: a call for another replica's session goes there before anything here
     app.add_middleware(ReplicaForwarder, **forwarder_options(settings))
     _add_error_handlers(app)
@@ -122,6 +142,15 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LimitExceededError)
     async def _limit(_: Request, exc: LimitExceededError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=429, headers=retry_after_header(exc.retry_after_s))
+
+    @app.exception_handler(RunRefusal)
+    async def _run_refused(_: Request, exc: RunRefusal) -> Response:
+        return Response(dumps(result_to_json(exc.result, native=False)), media_type="application/json")
+
+    @app.exception_handler(QueueFullError)
+    @app.exception_handler(UnavailableError)
+    async def _unavailable(_: Request, exc: QueueFullError | UnavailableError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after_header(exc.retry_after_s))
 
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:

@@ -1,59 +1,80 @@
 """Typed FastAPI dependencies of the routers: settings, executor, session manager, the
-caller, the rate limit and the execution request built from a validated body.
+caller, the quotas and the execution request built from a validated body.
 
 Each router takes what it needs from here (``SettingsDep``, ``ExecutorDep`` ...), so a
 route holds no state and no logic of its own; ``create_app`` puts the objects on
-``app.state``. :func:`get_caller` is the one place that says who is calling (today: no
-one, ``None`` = anonymous).
+``app.state``. :func:`get_caller` is the one place that says who is calling: the name of
+the API key that :class:`execbox.api.auth.KeyAuth` let in (None = anonymous: keys off,
+or ``/run`` without a key under ``SANDBOX_RUN_WITHOUT_KEY``).
 
 The execution-request dependencies (:func:`run_request`, :func:`native_request`) declare
 the body themselves, so FastAPI validates it before they run; they then apply, in this
-order, the rate limit (429), the code size (413) and the limits against the server's
-maxima (422), all before an answer (or a stream) starts.
+order, the rate per client address (429), the code size (413) and the limits against the
+server's maxima (422), all before an answer (or a stream) starts. The admission
+dependencies (:data:`AdmissionDep`, :data:`RunAdmissionDep`, :data:`NativeAdmissionDep`)
+come after them: the caller's concurrency slot and rate (:class:`~execbox.service.quotas.Quotas`),
+held until the answer is sent, the end of a stream included.
+
+On ``/run`` a refusal is RAGFlow's answer, HTTP 200 with the verdict (:class:`RunRefusal`:
+-429 over a quota, -3 when the quota store does not answer), because RAGFlow's client
+raises on any other status; on ``/v1/execute*`` it is 429 with ``Retry-After`` and the
+same fields (:class:`RateLimitedError`); elsewhere 429 (or 503) with ``{"detail"}``.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 
+from execbox.api.auth import CALLER_STATE
 from execbox.api.metrics import Metrics
-from execbox.api.ratelimit import RateLimiter
 from execbox.api.schemas import ExecuteRequest, LimitsIn, RunRequest
-from execbox.errors import BadRequestError, LimitExceededError
-from execbox.models import ExecutionRequest, Limits
+from execbox.errors import BadRequestError, LimitExceededError, UnavailableError
+from execbox.models import ExecutionRequest, ExecutionResult, Limits
+from execbox.service.classify import EXIT_INTERNAL, runner_error
 from execbox.service.executor import Executor
+from execbox.service.quotas import Quotas
 from execbox.service.sessions import SessionManager
 from execbox.settings import Settings
+from execbox.wire import EXIT_RATE_LIMITED
 
 __all__ = [
+    "AdmissionDep",
     "Caller",
     "CallerDep",
     "ExecutorDep",
     "MetricsDep",
+    "NativeAdmissionDep",
     "NativeRequestDep",
-    "RateGate",
-    "RateGateDep",
+    "QuotasDep",
     "RateLimitedError",
+    "RunAdmissionDep",
+    "RunRefusal",
     "RunRequestDep",
     "SessionsDep",
     "SettingsDep",
+    "admission",
     "check_code_size",
     "get_caller",
     "get_executor",
     "get_metrics",
-    "get_rate_gate",
+    "get_quotas",
     "get_sessions",
     "get_settings",
     "merged_limits",
+    "native_admission",
     "native_request",
     "owner_of",
+    "rate_limited_result",
     "retry_after_header",
+    "run_admission",
     "run_request",
     "validation_error",
 ]
@@ -69,23 +90,39 @@ class Caller:
 
 
 class RateLimitedError(LimitExceededError):
-    """Over ``SANDBOX_RATE_LIMIT``: answered 429 with the /run fields (see app.py)."""
+    """Over a rate or a quota on ``/v1/execute*``: answered 429 with ``Retry-After`` and the
+    /run fields, exit code -429 (see app.py)."""
 
 
-class RateGate:
-    """The rate limit of the endpoints that run code (per client address today)."""
+class RunRefusal(Exception):
+    """``/run`` refused a request before it ran: answered HTTP 200 with ``result``."""
 
-    def __init__(self, limiter: RateLimiter | None) -> None:
-        self.limiter = limiter
+    def __init__(self, result: ExecutionResult) -> None:
+        super().__init__(result.detail)
+        self.result = result
 
-    def check(self, request: Request, caller: Caller | None) -> None:
-        """RateLimitedError when this client spent its budget."""
-        if self.limiter is None:
-            return
-        client = request.client.host if request.client else "unknown"
-        wait_s = self.limiter.acquire(client)
-        if wait_s is not None:
-            raise RateLimitedError(RATE_LIMITED_MESSAGE, retry_after_s=wait_s)
+
+def rate_limited_result() -> ExecutionResult:
+    """RAGFlow's answer to a request over a rate or a quota."""
+    return runner_error(EXIT_RATE_LIMITED, RATE_LIMITED_MESSAGE, RATE_LIMITED_MESSAGE)
+
+
+def _refused_on_run(exc: Exception) -> Exception:
+    if isinstance(exc, LimitExceededError):
+        return RunRefusal(rate_limited_result())
+    return RunRefusal(runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n"))
+
+
+def _raise(answer: Exception, cause: Exception) -> None:
+    if answer is cause:
+        raise cause
+    raise answer from cause
+
+
+def _refused_on_v1(exc: Exception) -> Exception:
+    if isinstance(exc, LimitExceededError):
+        return RateLimitedError(f"{RATE_LIMITED_MESSAGE}: {exc}", exc.retry_after_s, exc.quota)
+    return exc
 
 
 def get_settings(request: Request) -> Settings:
@@ -110,21 +147,23 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-def get_rate_gate(request: Request) -> RateGate:
-    gate: RateGate = request.app.state.rate_gate
-    return gate
+def get_quotas(request: Request) -> Quotas:
+    quotas: Quotas = request.app.state.quotas
+    return quotas
 
 
 async def get_caller(request: Request) -> Caller | None:
-    """The caller of this request; None = anonymous (API keys are off)."""
-    return None
+    """The caller of this request: the key's name; None = anonymous (keys off, or /run
+    without a key under SANDBOX_RUN_WITHOUT_KEY)."""
+    name = getattr(request.state, CALLER_STATE, None)
+    return Caller(name) if name else None
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ExecutorDep = Annotated[Executor, Depends(get_executor)]
 SessionsDep = Annotated[SessionManager, Depends(get_sessions)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-RateGateDep = Annotated[RateGate, Depends(get_rate_gate)]
+QuotasDep = Annotated[Quotas, Depends(get_quotas)]
 CallerDep = Annotated[Caller | None, Depends(get_caller)]
 
 
@@ -155,22 +194,33 @@ def merged_limits(settings: Settings, executor: Executor, given: LimitsIn | None
     return limits
 
 
+async def _check_address(request: Request, quotas: Quotas, metrics: Metrics, caller: Caller | None,
+                         refuse: Callable[[Exception], Exception]) -> None:
+    """SANDBOX_RATE_LIMIT, per client address as the service sees it."""
+    try:
+        await quotas.check_client(request.client.host if request.client else "unknown")
+    except (LimitExceededError, UnavailableError) as exc:
+        metrics.refused(owner_of(caller), exc)
+        _raise(refuse(exc), exc)
+
+
 async def run_request(
-    body: RunRequest, request: Request, settings: SettingsDep, gate: RateGateDep, caller: CallerDep
+    body: RunRequest, request: Request, settings: SettingsDep, quotas: QuotasDep, metrics: MetricsDep,
+    caller: CallerDep,
 ) -> ExecutionRequest:
     """The execution a valid ``/run`` body asks for."""
-    gate.check(request, caller)
+    await _check_address(request, quotas, metrics, caller, _refused_on_run)
     code = body.code
     check_code_size(settings, code)
     return ExecutionRequest(language=body.language, code=code, arguments=body.arguments)
 
 
 async def native_request(
-    body: ExecuteRequest, request: Request, settings: SettingsDep, executor: ExecutorDep, gate: RateGateDep,
-    caller: CallerDep,
+    body: ExecuteRequest, request: Request, settings: SettingsDep, executor: ExecutorDep, quotas: QuotasDep,
+    metrics: MetricsDep, caller: CallerDep,
 ) -> ExecutionRequest:
     """The execution a valid ``/v1/execute`` body asks for."""
-    gate.check(request, caller)
+    await _check_address(request, quotas, metrics, caller, _refused_on_v1)
     check_code_size(settings, body.code)
     return ExecutionRequest(
         language=body.language,
@@ -185,6 +235,42 @@ async def native_request(
 
 RunRequestDep = Annotated[ExecutionRequest, Depends(run_request)]
 NativeRequestDep = Annotated[ExecutionRequest, Depends(native_request)]
+
+
+@contextlib.asynccontextmanager
+async def _admitted(quotas: Quotas, metrics: Metrics, caller: Caller | None,
+                    refuse: Callable[[Exception], Exception]) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(quotas.admit(owner_of(caller)))
+        except (LimitExceededError, UnavailableError) as exc:
+            metrics.refused(owner_of(caller), exc)
+            _raise(refuse(exc), exc)
+        yield
+
+
+async def admission(quotas: QuotasDep, metrics: MetricsDep, caller: CallerDep) -> AsyncIterator[None]:
+    """The caller's quotas (a concurrency slot, a unit of rate), held until the answer is sent;
+    LimitExceededError (429) or UnavailableError (503) when refused."""
+    async with _admitted(quotas, metrics, caller, lambda exc: exc):
+        yield
+
+
+async def run_admission(quotas: QuotasDep, metrics: MetricsDep, caller: CallerDep) -> AsyncIterator[None]:
+    """:func:`admission` for ``/run``: a refusal is RAGFlow's answer (RunRefusal)."""
+    async with _admitted(quotas, metrics, caller, _refused_on_run):
+        yield
+
+
+async def native_admission(quotas: QuotasDep, metrics: MetricsDep, caller: CallerDep) -> AsyncIterator[None]:
+    """:func:`admission` for ``/v1/execute*``: over a quota is RateLimitedError."""
+    async with _admitted(quotas, metrics, caller, _refused_on_v1):
+        yield
+
+
+AdmissionDep = Annotated[None, Depends(admission)]
+RunAdmissionDep = Annotated[None, Depends(run_admission)]
+NativeAdmissionDep = Annotated[None, Depends(native_admission)]
 
 
 def retry_after_header(retry_after_s: float) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from execbox.errors import UnavailableError
 from execbox.models import ExecutionRequest, ExecutionResult
 
 __all__ = ["Metrics"]
@@ -24,6 +25,21 @@ class Metrics:
         )
         self.ready = Gauge("execbox_pool_ready", "Ready sandboxes", ["pool"], registry=self.registry)
         self.leased = Gauge("execbox_pool_leased", "Sandboxes running code", ["pool"], registry=self.registry)
+        self.quota_refusals = Counter(
+            "execbox_quota_refusals_total",
+            "Requests refused by a quota, by API key name (empty: no key) and quota "
+            "(rate, concurrency, address_rate, store_unavailable)",
+            ["key", "quota"], registry=self.registry,
+        )
+        self.unauthenticated = Counter(
+            "execbox_unauthenticated_requests_total", "Requests refused for a missing or wrong API key",
+            registry=self.registry,
+        )
+
+    def refused(self, key: str | None, exc: Exception) -> None:
+        """A request a quota refused (``key`` is the key's name, never the key)."""
+        quota = "store_unavailable" if isinstance(exc, UnavailableError) else getattr(exc, "quota", "") or "other"
+        self.quota_refusals.labels(key or "", quota).inc()
 
     def observe(self, request: ExecutionRequest, result: ExecutionResult, duration_s: float) -> None:
         """One execution that reached a verdict."""

@@ -45,6 +45,7 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
+from redis.exceptions import RedisError
 
 from execbox.errors import LimitExceededError, UnavailableError
 from execbox.settings import Settings
@@ -145,7 +146,7 @@ class _RedisSlots:
         slot = self._prefix + uuid.uuid4().hex
         try:
             taken = await self._acquire(keys=[self._key(bucket)], args=[self.limit, self.lease_ms, slot])
-        except Exception as exc:  # redis.RedisError, OSError: whatever the client raises
+        except (RedisError, OSError) as exc:
             raise _unavailable(exc) from exc
         if not taken:
             return None
@@ -162,7 +163,7 @@ class _RedisSlots:
                 del self._held[bucket]
         try:
             await self._client.zrem(self._key(bucket), slot)
-        except Exception as exc:
+        except (RedisError, OSError) as exc:
             log.warning("could not give back a slot of %s (it expires within %gs): %s", bucket, self.lease_ms / 1000, exc)
 
     async def renew(self) -> None:
@@ -172,7 +173,7 @@ class _RedisSlots:
                 continue
             try:
                 renewed = await self._renew(keys=[self._key(bucket)], args=[self.lease_ms, *slots])
-            except Exception as exc:
+            except (RedisError, OSError) as exc:
                 log.warning("could not renew the slots of %s: %s", bucket, exc)
                 continue
             if renewed < len(slots):
@@ -196,21 +197,24 @@ class _RedisSlots:
 class _Rate:
     """One rate (``amount`` per ``period_s``) over many buckets, on a ``limits`` storage."""
 
-    def __init__(self, amount: int, period_s: float, limiter: MovingWindowRateLimiter, scope: str) -> None:
+    def __init__(self, amount: int, period_s: float, limiter: MovingWindowRateLimiter, scope: str, setting: str) -> None:
         self.item = RateLimitItemPerSecond(amount, max(1, round(period_s)), namespace=KEY_PREFIX)
         self._limiter = limiter
         self._scope = scope
+        self._setting = setting
         self.text = f"{amount}/{_period_text(period_s)}"
 
-    async def hit(self, bucket: str, what: str) -> None:
+    async def hit(self, bucket: str, what: str, quota: str) -> None:
         try:
             if await self._limiter.hit(self.item, self._scope, bucket):
                 return
             stats = await self._limiter.get_window_stats(self.item, self._scope, bucket)
         except StorageError as exc:
             raise _unavailable(exc.storage_error) from exc
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
         retry_after_s = max(1, math.ceil(stats.reset_time - time.time()))
-        raise LimitExceededError(f"{what} is over its rate of {self.text}", retry_after_s)
+        raise LimitExceededError(f"{what} is over its rate of {self.text} ({self._setting})", retry_after_s, quota)
 
 
 def _period_text(period_s: float) -> str:
@@ -260,8 +264,8 @@ class Quotas:
             storage = MemoryStorage(wrap_exceptions=True)
         self._storage = storage
         limiter = MovingWindowRateLimiter(storage)
-        self._key_rate = _Rate(*key_rate, limiter, "key") if key_rate else None
-        self._client_rate = _Rate(*client_rate, limiter, "address") if client_rate else None
+        self._key_rate = _Rate(*key_rate, limiter, "key", "SANDBOX_KEY_RATE") if key_rate else None
+        self._client_rate = _Rate(*client_rate, limiter, "address", "SANDBOX_RATE_LIMIT") if client_rate else None
         self._slots: _Slots | None = None
         if key_max_concurrent:
             self._slots = (
@@ -291,7 +295,7 @@ class Quotas:
             return
         try:
             await self._client.ping()
-        except Exception as exc:
+        except (RedisError, OSError) as exc:
             log.error("%s; requests with a quota are refused (503) until it answers", _unavailable(exc))
         else:
             log.info("quotas are shared through Redis")
@@ -308,7 +312,7 @@ class Quotas:
     async def check_client(self, address: str) -> None:
         """LimitExceededError when ``address`` is over ``SANDBOX_RATE_LIMIT``."""
         if self._client_rate is not None:
-            await self._client_rate.hit(address, "this client")
+            await self._client_rate.hit(address, "this client address", "address_rate")
 
     @contextlib.asynccontextmanager
     async def admit(self, caller: str | None) -> AsyncIterator[None]:
@@ -323,11 +327,11 @@ class Quotas:
             if slot is None:
                 raise LimitExceededError(
                     f"{who} already runs {self._slots.limit} execution(s), its limit (SANDBOX_KEY_MAX_CONCURRENT)",
-                    CONCURRENCY_RETRY_S,
+                    CONCURRENCY_RETRY_S, "concurrency",
                 )
         try:
             if self._key_rate is not None:
-                await self._key_rate.hit(bucket, who)
+                await self._key_rate.hit(bucket, who, "rate")
             yield
         finally:
             if slot is not None and self._slots is not None:

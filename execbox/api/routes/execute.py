@@ -4,6 +4,11 @@
 request is validated in full by its dependencies before the first event, the events are
 the program's ``stdout``/``stderr`` as it prints, then one ``result``. When the client goes
 away mid-stream, FastAPI cancels the generator and the run is stopped with it.
+
+The caller's quotas are held until the answer is sent (the end of the stream). A full wait
+queue is 503 with ``Retry-After`` on ``/v1/execute``; on the stream, whose 200 is already
+on its way when the run asks for a sandbox, it is a ``result`` event with the pool-busy
+verdict (-10).
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from execbox.api.body import StrictJSONRoute
-from execbox.api.deps import ExecutorDep, MetricsDep, NativeRequestDep
+from execbox.api.deps import (
+    ExecutorDep,
+    MetricsDep,
+    NativeAdmissionDep,
+    NativeRequestDep,
+)
 from execbox.api.running import answer, execute, execute_while_connected, gone
 from execbox.api.schemas import ExecuteResponse
+from execbox.errors import QueueFullError
 from execbox.models import ExecutionResult
+from execbox.service.executor import busy_result
 from execbox.wire import dumps, result_to_json
 
 __all__ = ["router"]
@@ -32,7 +44,10 @@ _STREAMS = ("stdout", "stderr")
 
 
 @router.post("/v1/execute", response_model=ExecuteResponse, summary="Run code with per-request limits and inputs")
-async def execute_v1(execution: NativeRequestDep, request: Request, executor: ExecutorDep, metrics: MetricsDep) -> Any:
+async def execute_v1(
+    execution: NativeRequestDep, _admitted: NativeAdmissionDep, request: Request, executor: ExecutorDep,
+    metrics: MetricsDep,
+) -> Any:
     result = await execute_while_connected(request, executor, metrics, execution)
     return gone() if result is None else answer(result, native=True)
 
@@ -47,7 +62,7 @@ async def execute_v1(execution: NativeRequestDep, request: Request, executor: Ex
     response_class=EventSourceResponse,
 )
 async def execute_stream(
-    execution: NativeRequestDep, executor: ExecutorDep, metrics: MetricsDep
+    execution: NativeRequestDep, _admitted: NativeAdmissionDep, executor: ExecutorDep, metrics: MetricsDep
 ) -> AsyncIterator[ServerSentEvent]:
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -75,7 +90,11 @@ async def execute_stream(
             while not chunks.empty():
                 stream, text = chunks.get_nowait()
                 yield ServerSentEvent(event=stream, data=text)
-            yield ServerSentEvent(event="result", raw_data=_result_data(run.result()))
+            try:
+                result = run.result()
+            except QueueFullError:
+                result = busy_result()
+            yield ServerSentEvent(event="result", raw_data=_result_data(result))
             return
     finally:  # the client went away mid-stream: stop the program, free its sandbox
         if not run.done():

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request, Response
 
 from execbox.api.body import StrictJSONRoute
 from execbox.api.deps import (
+    AdmissionDep,
     CallerDep,
     ExecutorDep,
     SessionsDep,
@@ -43,7 +44,8 @@ _FILE_BODY = {"content": {"application/octet-stream": {"schema": {"type": "strin
 
 @router.post("", status_code=201, response_model=SessionCreatedOut, summary="Start a session")
 async def create_session(
-    body: SessionCreateIn, settings: SettingsDep, executor: ExecutorDep, sessions: SessionsDep, caller: CallerDep
+    body: SessionCreateIn, _admitted: AdmissionDep, settings: SettingsDep, executor: ExecutorDep,
+    sessions: SessionsDep, caller: CallerDep,
 ) -> SessionCreatedOut:
     request = body.to_request(merged_limits(settings, executor, body.limits))
     return SessionCreatedOut.from_info(await sessions.create(request, owner_of(caller)))
@@ -69,7 +71,8 @@ async def delete_session(session_id: str, sessions: SessionsDep, caller: CallerD
     "/{session_id}/execute", response_model=ExecuteResponse, summary="Run a cell in the session's interpreter"
 )
 async def execute_cell(
-    session_id: str, body: CellIn, settings: SettingsDep, sessions: SessionsDep, caller: CallerDep
+    session_id: str, body: CellIn, _admitted: AdmissionDep, settings: SettingsDep, sessions: SessionsDep,
+    caller: CallerDep,
 ) -> Any:
     check_code_size(settings, body.code)
     result = await sessions.execute(session_id, body.to_request(), owner_of(caller))

@@ -201,6 +201,6 @@ def test_rate_limit_answers_429_with_retry_after(limited: TestClient) -> None:
     response = limited.post("/v1/execute", json={"code": "def main():\n    return 1\n"})
     assert response.status_code == 429
     assert response.json()["exit_code"] == -429
-    assert 1 <= int(response.headers["retry-after"]) <= 30
+    assert 1 <= int(response.headers["retry-after"]) <= 60  # a moving window: when the first of the two leaves it
     assert limited.post("/run", content=b"{", headers={"content-type": "application/json"}).status_code == 422
     assert limited.get("/healthz").status_code == 200  # health is never limited
