@@ -227,6 +227,15 @@ def _keys_file(file: Optional[Path]) -> Path:
     return Path(configured)
 
 
+def _on_keys_file(work: Any) -> Any:
+    """``work()``, with a malformed or unwritable keys file said in one line (exit 1)."""
+    try:
+        return work()
+    except (ConfigurationError, OSError) as exc:
+        typer.echo(f"execbox: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
 @keys_app.command("add")
 def keys_add(name: Annotated[str, typer.Argument(help="the key's name (labels metrics, owns sessions)")],
              file: _KeysFile = None) -> None:
@@ -234,12 +243,7 @@ def keys_add(name: Annotated[str, typer.Argument(help="the key's name (labels me
     from execbox.service.apikeys import add_key
 
     path = _keys_file(file)
-    try:
-        key = add_key(path, name)
-    except (ConfigurationError, OSError) as exc:
-        typer.echo(f"execbox: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    typer.echo(key)
+    typer.echo(_on_keys_file(lambda: add_key(path, name)))
     typer.echo(f"added the key {name!r} to {path}; it is shown only now. A running service accepts it "
                "within a second.", err=True)
 
@@ -249,12 +253,8 @@ def keys_list(file: _KeysFile = None) -> None:
     """Print the names of the keys in the keys file, one a line (never the keys)."""
     from execbox.service.apikeys import key_names
 
-    try:
-        names = key_names(_keys_file(file))
-    except (ConfigurationError, OSError) as exc:
-        typer.echo(f"execbox: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    for name in names:
+    path = _keys_file(file)
+    for name in _on_keys_file(lambda: key_names(path)):
         typer.echo(name)
 
 
@@ -265,12 +265,7 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="the name of the key to
     from execbox.service.apikeys import revoke_key
 
     path = _keys_file(file)
-    try:
-        removed = revoke_key(path, name)
-    except (ConfigurationError, OSError) as exc:
-        typer.echo(f"execbox: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    if not removed:
+    if not _on_keys_file(lambda: revoke_key(path, name)):
         typer.echo(f"execbox: {path} has no key named {name!r}", err=True)
         raise typer.Exit(1)
     typer.echo(f"revoked the key {name!r}", err=True)

@@ -2,7 +2,8 @@
 no persistence; stopped (and its directory removed) by :meth:`RedisServer.stop`.
 
 ``redis_unavailable_reason()`` is why one cannot be started here (Debian's ``redis-server``
-is missing: ``make setup`` installs it), for a skip that prints it.
+is missing: ``make setup`` installs it); ``yield from redis_for_tests(__name__)`` in a
+fixture gives the URL of a fresh server, or skips with that reason printed.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["RedisServer", "redis_unavailable_reason"]
+import pytest
+
+__all__ = ["RedisServer", "free_port", "redis_for_tests", "redis_unavailable_reason"]
 
 START_TIMEOUT_S = 20.0
 
@@ -25,7 +30,7 @@ def redis_unavailable_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -44,7 +49,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.port = _free_port()
+        self.port = free_port()
         args = [
             "redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.root),
             "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--daemonize", "no",
@@ -78,3 +83,17 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def redis_for_tests(owner: str) -> Iterator[str]:
+    """For a fixture: the URL of a fresh server, stopped afterwards; a skip, with the reason
+    printed, where none can be started."""
+    reason = redis_unavailable_reason()
+    if reason is not None:
+        print(f"\nSKIP {owner}: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +20,7 @@ import httpx
 import pytest
 from api_helpers import Service, run_body
 
-from tests.redis_server import RedisServer, redis_unavailable_reason
+from tests.redis_server import redis_for_tests
 
 KEYS = {
     "alice": "alice-quota-key-0123456789abcdef",
@@ -118,13 +117,7 @@ def test_a_keys_rate(quota: Service) -> None:
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    reason = redis_unavailable_reason()
-    if reason is not None:
-        print(f"\nSKIP {__name__} (Redis): {reason}", file=sys.stderr)
-        pytest.skip(reason)
-    server = RedisServer().start()
-    yield server.url
-    server.stop()
+    yield from redis_for_tests(__name__)
 
 
 @pytest.fixture(scope="module")

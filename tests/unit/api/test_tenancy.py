@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.redis_server import _free_port
+from tests.redis_server import free_port
 
 ALICE = "alice-inprocess-key-0123456789"
 BOB = "bob-inprocess-key-0123456789ab"
@@ -212,7 +212,7 @@ def test_a_full_queue_is_answered_at_once(make_client: Any) -> None:
 
 
 def test_redis_unreachable_fails_closed(make_client: Any) -> None:
-    client = make_client(api_keys=KEYS, key_rate="100/minute", redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    client = make_client(api_keys=KEYS, key_rate="100/minute", redis_url=f"redis://127.0.0.1:{free_port()}/0")
     native = client.post("/v1/execute", json={"code": QUICK}, headers=key(ALICE))
     assert native.status_code == 503 and "retry-after" in native.headers
     assert "quota store" in native.json()["detail"]

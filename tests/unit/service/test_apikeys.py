@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import os
 import stat
 from pathlib import Path
 
@@ -20,12 +19,7 @@ ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdefgh"
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("SANDBOX_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("clean_settings_environment")
 
 
 @pytest.fixture

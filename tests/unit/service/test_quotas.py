@@ -68,27 +68,33 @@ def test_concurrency_per_caller_does_not_hold_back_another() -> None:
     run(scenario)
 
 
+async def cancelled_execution_gives_its_slot_back(quotas: Quotas, caller: str) -> None:
+    """A caller with one slot: an execution holding it is cancelled (the client went away),
+    and the slot is free again."""
+    entered = asyncio.Event()
+
+    async def long_execution() -> None:
+        async with quotas.admit(caller):
+            entered.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(long_execution())
+    await entered.wait()
+    with pytest.raises(LimitExceededError):
+        await admitted(quotas, caller)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await admitted(quotas, caller)
+
+
 def test_a_slot_comes_back_after_an_error_and_after_cancellation() -> None:
     async def scenario() -> None:
         quotas = Quotas(key_max_concurrent=1)
         with pytest.raises(RuntimeError):
             async with quotas.admit("alice"):
                 raise RuntimeError("the execution failed")
-        entered = asyncio.Event()
-
-        async def long_execution() -> None:
-            async with quotas.admit("alice"):
-                entered.set()
-                await asyncio.sleep(3600)
-
-        task = asyncio.create_task(long_execution())
-        await entered.wait()
-        with pytest.raises(LimitExceededError):
-            await admitted(quotas, "alice")
-        task.cancel()  # the client went away
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await admitted(quotas, "alice")
+        await cancelled_execution_gives_its_slot_back(quotas, "alice")
         await quotas.close()
 
     run(scenario)

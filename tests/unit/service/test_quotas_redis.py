@@ -5,7 +5,6 @@ Redis is a clear UnavailableError (fail closed)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -13,7 +12,9 @@ import pytest
 
 from execbox.errors import LimitExceededError, UnavailableError
 from execbox.service.quotas import Quotas
-from tests.redis_server import RedisServer, redis_unavailable_reason
+from test_quotas import admitted, cancelled_execution_gives_its_slot_back
+
+from tests.redis_server import free_port, redis_for_tests
 
 T = TypeVar("T")
 TIMEOUT_S = 30.0
@@ -21,22 +22,11 @@ TIMEOUT_S = 30.0
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    reason = redis_unavailable_reason()
-    if reason is not None:
-        print(f"\nSKIP {__name__}: {reason}", file=sys.stderr)
-        pytest.skip(reason)
-    server = RedisServer().start()
-    yield server.url
-    server.stop()
+    yield from redis_for_tests(__name__)
 
 
 def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(asyncio.wait_for(coro_fn(), TIMEOUT_S))
-
-
-async def admitted(quotas: Quotas, caller: str) -> None:
-    async with quotas.admit(caller):
-        pass
 
 
 def test_two_replicas_count_one_rate(redis_url: str) -> None:
@@ -74,19 +64,7 @@ def test_two_replicas_share_the_slots(redis_url: str) -> None:
 def test_a_cancelled_execution_gives_its_slot_back(redis_url: str) -> None:
     async def scenario() -> None:
         quotas = Quotas(key_max_concurrent=1, redis_url=redis_url)
-        entered = asyncio.Event()
-
-        async def long_execution() -> None:
-            async with quotas.admit("cancel-alice"):
-                entered.set()
-                await asyncio.sleep(3600)
-
-        task = asyncio.create_task(long_execution())
-        await entered.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await admitted(quotas, "cancel-alice")
+        await cancelled_execution_gives_its_slot_back(quotas, "cancel-alice")
         await quotas.close()
 
     run(scenario)
@@ -141,9 +119,7 @@ def test_a_running_replicas_slot_is_renewed(redis_url: str) -> None:
 
 
 def test_no_redis_fails_closed() -> None:
-    from tests.redis_server import _free_port
-
-    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
 
     async def scenario() -> None:
         rate = Quotas(key_rate=(10, 60.0), redis_url=url)
