@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from execbox.api.auth import KeyAuth
+from execbox.api.auth import KeyAuth, caller_name
 from execbox.api.body import BodyTimeout, StrictJSONRoute
 from execbox.api.deps import RateLimitedError, RunRefusal, retry_after_header
 from execbox.api.mcp import MCP_PATH, build_mcp, mcp_http_app
@@ -60,7 +60,8 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
     Quotas in its lifespan. ConfigurationError for a malformed keys setting or file."""
     engine = executor or Executor(settings)
     manager = sessions if sessions is not None else _session_manager(settings, engine)
-    mcp_http = mcp_http_app(build_mcp(settings, engine, manager), settings)  # /mcp, over the same executor
+    # /mcp, over the same executor; its sessions belong to the key KeyAuth let the call in with
+    mcp_http = mcp_http_app(build_mcp(settings, engine, manager, owner_of=caller_name), settings)
     keys = KeyStore.from_settings(settings)
     quotas = Quotas.from_settings(settings)
 

@@ -20,11 +20,12 @@ import json
 import logging
 from collections.abc import Callable
 
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from execbox.service.apikeys import KeyStore
 
-__all__ = ["CALLER_STATE", "OPEN_PATHS", "KeyAuth", "presented_key"]
+__all__ = ["CALLER_STATE", "OPEN_PATHS", "KeyAuth", "caller_name", "presented_key"]
 
 log = logging.getLogger("execbox.api")
 
@@ -50,6 +51,14 @@ def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
         elif name == b"x-api-key" and api_key is None:
             api_key = value.decode("latin-1").strip() or None
     return bearer or api_key
+
+
+def caller_name(request: HTTPConnection | None) -> str | None:
+    """The name of the key a request came in with; None without keys, or for /run without one."""
+    if request is None:
+        return None
+    name = request.scope.get("state", {}).get(CALLER_STATE)
+    return name if isinstance(name, str) else None
 
 
 class KeyAuth:

@@ -33,7 +33,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 
-from execbox.api.auth import CALLER_STATE
+from execbox.api.auth import caller_name
 from execbox.api.metrics import Metrics
 from execbox.api.schemas import ExecuteRequest, LimitsIn, RunRequest
 from execbox.errors import BadRequestError, LimitExceededError, UnavailableError
@@ -155,7 +155,7 @@ def get_quotas(request: Request) -> Quotas:
 async def get_caller(request: Request) -> Caller | None:
     """The caller of this request: the key's name; None = anonymous (keys off, or /run
     without a key under SANDBOX_RUN_WITHOUT_KEY)."""
-    name = getattr(request.state, CALLER_STATE, None)
+    name = caller_name(request)
     return Caller(name) if name else None
 
 

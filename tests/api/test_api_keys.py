@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from api_helpers import REPO_ROOT, Service, run_body
+from mcp_helpers import Connection
 
 KEYS = {"alice": "alice-api-key-0123456789abcdef", "bob": "bob-api-key-0123456789abcdefgh"}
 ALICE = KEYS["alice"]
@@ -140,6 +141,27 @@ def test_sessions_belong_to_the_key_that_made_them(keyed: Service) -> None:
             assert again.json()["result"]["value"] == 41  # untouched by bob's tries
         finally:
             assert client.delete(f"/v1/sessions/{session}", headers=alice).status_code == 204
+
+
+def test_mcp_needs_a_key_and_its_sessions_are_the_keys(keyed: Service, event_loop_thread: Any) -> None:
+    with keyed.client() as client:
+        assert client.post("/mcp", json={}).status_code == 401
+    connections = {name: Connection(f"{keyed.url}/mcp", event_loop_thread.loop, headers={"X-API-Key": key})
+                   for name, key in KEYS.items() if name in ("alice", "bob")}
+    try:
+        for connection in connections.values():
+            connection.wait_connected(120)
+        created = connections["alice"].call(lambda mcp: mcp.call_tool("create_session", {}))
+        session = created.structured_content["session_id"]
+        with keyed.client(headers={"X-API-Key": ALICE}) as client:  # alice's, over HTTP too
+            assert client.get(f"/v1/sessions/{session}").status_code == 200
+            refused = connections["bob"].call(
+                lambda mcp: mcp.call_tool("run_in_session", {"session_id": session, "code": "1"}))
+            assert refused.is_error is True
+            assert client.delete(f"/v1/sessions/{session}").status_code == 204
+    finally:
+        for connection in connections.values():
+            connection.close()
 
 
 @pytest.mark.parametrize("path", OPEN)

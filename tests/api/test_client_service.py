@@ -192,8 +192,8 @@ def test_a_session_with_files(guarded: Client, language: str) -> None:
 def test_an_api_key_is_required_and_accepted(make_service: Any) -> None:
     if "api_keys" not in Settings.model_fields:
         pytest.skip("the service has no API keys yet (SANDBOX_API_KEYS has not landed)")
-    keyed = make_service("client-keys", {"SANDBOX_API_KEYS": "tester:k-client-123"})
+    keyed = make_service("client-keys", {"SANDBOX_API_KEYS": "tester:k-client-0123456789abcdef"})
     with Client(keyed.url, timeout_s=60) as anonymous, pytest.raises(AuthenticationError):
         anonymous.execute("def main(): return 1")
-    with Client(keyed.url, api_key="k-client-123", timeout_s=60) as client:
+    with Client(keyed.url, api_key="k-client-0123456789abcdef", timeout_s=60) as client:
         assert client.execute("def main(): return 1").status is Status.SUCCESS
