@@ -60,10 +60,10 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
     Quotas in its lifespan. ConfigurationError for a malformed keys setting or file."""
     engine = executor or Executor(settings)
     manager = sessions if sessions is not None else _session_manager(settings, engine)
-    # /mcp, over the same executor; its sessions belong to the key KeyAuth let the call in with
-    mcp_http = mcp_http_app(build_mcp(settings, engine, manager, owner_of=caller_name), settings)
     keys = KeyStore.from_settings(settings)
     quotas = Quotas.from_settings(settings)
+    # /mcp, over the same executor and quotas; its sessions belong to the key KeyAuth let the call in with
+    mcp_http = mcp_http_app(build_mcp(settings, engine, manager, owner_of=caller_name, quotas=quotas), settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

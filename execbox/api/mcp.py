@@ -52,7 +52,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.types import ASGIApp
 
-from execbox.errors import BadRequestError, LimitExceededError, NotFoundError
+from execbox.errors import BadRequestError, LimitExceededError, NotFoundError, UnavailableError
 from execbox.models import (
     CellRequest,
     ExecutionRequest,
@@ -63,6 +63,7 @@ from execbox.models import (
 )
 from execbox.runtimes import RUNTIMES, Runtime
 from execbox.service.executor import Executor
+from execbox.service.quotas import Quotas
 from execbox.service.sessions import SessionManager
 from execbox.settings import CodeCheckMode, Settings
 
@@ -263,12 +264,15 @@ def build_mcp(
     *,
     owner_of: Callable[[Request | None], str | None] | None = None,
     lifespan: Callable[[MCPServer[Any]], AbstractAsyncContextManager[Any]] | None = None,
+    quotas: Quotas | None = None,
 ) -> MCPServer[Any]:
     """The MCP server over ``executor`` (run_code) and ``sessions`` (the session tools;
     without a manager they are not offered). ``owner_of(request)`` names the owner of the
     sessions a tool call makes and may use (the API key's name), from the HTTP request of
     the call (None over stdio); without it every session's owner is None, as when keys are
-    off. Neither executor nor manager is started here: their owner does it
+    off. With ``quotas``, run_code and run_in_session hold the owner's concurrency slot and
+    spend a unit of its rate, as the HTTP endpoints do (a refusal is an ``isError`` result).
+    Neither executor nor manager is started here: their owner does it
     (the HTTP app's lifespan, or ``lifespan``, which stdio's :func:`serve_stdio` uses)."""
     from execbox import __version__
 
@@ -291,27 +295,31 @@ def build_mcp(
             return None
         return _refusal(f"the code is {size} bytes, more than the {settings.max_code_size} accepted: send less code")
 
-    async def run_code(code: Code, language: LanguageArg = "python",
+    def owner(ctx: Context[Any, Any]) -> str | None:
+        if owner_of is None:
+            return None
+        request = getattr(ctx.request_context, "request", None)
+        return owner_of(request if isinstance(request, Request) else None)
+
+    def admitted(ctx: Context[Any, Any]) -> AbstractAsyncContextManager[None]:
+        return quotas.admit(owner(ctx)) if quotas is not None else contextlib.nullcontext()
+
+    async def run_code(ctx: Context[Any, Any], code: Code, language: LanguageArg = "python",
                        arguments: Annotated[dict[str, Any] | None, Field(description="the arguments of main")] = None,
                        ) -> CallToolResult:
         if (refused := too_large(code)) is not None:
             return refused
         request = ExecutionRequest(language=Language(language), code=code, arguments=arguments or {})
         try:
-            return tool_result(await executor.execute(request))
-        except BadRequestError as exc:
+            async with admitted(ctx):
+                return tool_result(await executor.execute(request))
+        except (BadRequestError, LimitExceededError, UnavailableError) as exc:
             return _refusal(str(exc))
 
     server.add_tool(run_code, title="Run code in a fresh sandbox", description=descriptions["run_code"],
                     annotations=runs)
     if sessions is None:
         return server
-
-    def owner(ctx: Context[Any, Any]) -> str | None:
-        if owner_of is None:
-            return None
-        request = getattr(ctx.request_context, "request", None)
-        return owner_of(request if isinstance(request, Request) else None)
 
     async def create_session(
         ctx: Context[Any, Any], language: LanguageArg = "python"
@@ -330,10 +338,11 @@ def build_mcp(
         if (refused := too_large(code)) is not None:
             return refused
         try:
-            return tool_result(await sessions.execute(session_id, CellRequest(code=code), owner(ctx)))
+            async with admitted(ctx):
+                return tool_result(await sessions.execute(session_id, CellRequest(code=code), owner(ctx)))
         except NotFoundError as exc:
             return _refusal(f"{exc}: the session was closed, expired or ended; create a new one")
-        except (BadRequestError, LimitExceededError) as exc:
+        except (BadRequestError, LimitExceededError, UnavailableError) as exc:
             return _refusal(str(exc))
 
     async def close_session(ctx: Context[Any, Any], session_id: SessionId) -> CallToolResult:

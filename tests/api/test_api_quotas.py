@@ -11,14 +11,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
 from api_helpers import Service, run_body
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp_types import TextContent
 
 from tests.redis_server import redis_for_tests
 
@@ -26,6 +31,7 @@ KEYS = {
     "alice": "alice-quota-key-0123456789abcdef",
     "bob": "bob-quota-key-0123456789abcdefgh",
     "carol": "carol-quota-key-0123456789abcdef",
+    "dave": "dave-quota-key-0123456789abcdefgh",
 }
 INLINE_KEYS = ",".join(f"{name}:{key}" for name, key in KEYS.items())
 QUICK = "def main():\n    return 'ok'\n"
@@ -110,6 +116,23 @@ def test_a_keys_rate(quota: Service) -> None:
         metrics = client.get("/metrics").text
     assert 'execbox_quota_refusals_total{key="carol",quota="rate"} 2.0' in metrics
     assert all(secret not in metrics for secret in KEYS.values())
+
+
+def test_mcp_tool_calls_count_against_the_keys_rate(quota: Service) -> None:
+    async def calls() -> list[tuple[bool, str]]:
+        seen = []
+        async with httpx2.AsyncClient(headers=key("dave"), timeout=60) as http:
+            async with Client(streamable_http_client(f"{quota.url}/mcp", http_client=http)) as client:
+                for _ in range(7):
+                    result = await client.call_tool("run_code", {"code": QUICK})
+                    text = " ".join(c.text for c in result.content if isinstance(c, TextContent))
+                    seen.append((result.is_error, text))
+        return seen
+
+    seen = asyncio.run(calls())
+    assert [error for error, _ in seen[:6]] == [False] * 6, seen
+    error, text = seen[6]
+    assert error and "over its rate of 6/minute" in text, seen[6]
 
 
 # -- two replicas, one Redis ----------------------------------------------------------
