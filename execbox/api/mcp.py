@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
+import httpx
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import (
@@ -52,6 +53,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.types import ASGIApp
 
+from execbox.api.replicas import CONNECT_TIMEOUT_S, FORWARDED_BY_HEADER, foreign_session_url
 from execbox.errors import BadRequestError, LimitExceededError, NotFoundError, UnavailableError
 from execbox.models import (
     CellRequest,
@@ -66,6 +68,7 @@ from execbox.service.executor import Executor
 from execbox.service.quotas import Quotas
 from execbox.service.sessions import SessionManager
 from execbox.settings import CodeCheckMode, Settings
+from execbox.wire import result_from_json
 
 __all__ = ["MCP_PATH", "MCPHttpApp", "SessionCreated", "build_mcp", "mcp_http_app", "render_result", "serve_stdio"]
 
@@ -254,6 +257,42 @@ def _refusal(message: str) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
 
 
+# ---------------------------------------------------------------- another replica's sessions
+
+
+async def _on_peer(
+    ctx: Context[Any, Any], base_url: str, method: str, session_id: str, suffix: str, body: dict[str, Any] | None
+) -> CallToolResult:
+    """A session tool call for another replica's session, made on that replica's HTTP API
+    with the caller's own key (so that it checks the owner and counts the quotas once)."""
+    gone = f"no session {session_id!r}: its replica is gone; create a new one"
+    if not base_url:
+        return _refusal(gone)
+    request = getattr(ctx.request_context, "request", None)
+    headers = {FORWARDED_BY_HEADER: "mcp"}
+    if isinstance(request, Request):
+        headers.update({k: v for k, v in request.headers.items() if k in ("authorization", "x-api-key")})
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S), trust_env=False) as http:
+            response = await http.request(method, f"{base_url}/v1/sessions/{quote(session_id, safe='')}{suffix}",
+                                          json=body, headers=headers)
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        return _refusal(gone)
+    except httpx.TransportError as exc:
+        return _refusal(f"session {session_id!r}: its replica failed while answering ({type(exc).__name__}); try again")
+    if response.status_code == 204:
+        return CallToolResult(content=[TextContent(type="text", text=f"session {session_id} closed")])
+    if response.status_code == 200:
+        return tool_result(result_from_json(response.json()))
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = response.text
+    if response.status_code == 404:
+        return _refusal(f"{detail}: the session was closed, expired or ended; create a new one")
+    return _refusal(str(detail))
+
+
 # ---------------------------------------------------------------- the server
 
 
@@ -337,6 +376,8 @@ def build_mcp(
     async def run_in_session(ctx: Context[Any, Any], session_id: SessionId, code: Code) -> CallToolResult:
         if (refused := too_large(code)) is not None:
             return refused
+        if (peer := foreign_session_url(settings, session_id)) is not None:
+            return await _on_peer(ctx, peer, "POST", session_id, "/execute", {"code": code})
         try:
             async with admitted(ctx):
                 return tool_result(await sessions.execute(session_id, CellRequest(code=code), owner(ctx)))
@@ -346,6 +387,8 @@ def build_mcp(
             return _refusal(str(exc))
 
     async def close_session(ctx: Context[Any, Any], session_id: SessionId) -> CallToolResult:
+        if (peer := foreign_session_url(settings, session_id)) is not None:
+            return await _on_peer(ctx, peer, "DELETE", session_id, "", None)
         try:
             await sessions.delete(session_id, owner(ctx))
         except NotFoundError as exc:

@@ -59,6 +59,7 @@ from execbox.settings import REPLICA_NAME_PATTERN, Settings
 __all__ = [
     "FORWARDED_BY_HEADER",
     "ReplicaForwarder",
+    "foreign_session_url",
     "forwarder_options",
     "session_replica",
 ]
@@ -100,6 +101,25 @@ def forwarder_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _replica_url(replica: str, peers: Mapping[str, str], url_template: str | None) -> str | None:
+    if replica in peers:
+        return peers[replica].rstrip("/")
+    if url_template and REPLICA_NAME_PATTERN.fullmatch(replica):
+        return url_template.replace("{replica}", replica).rstrip("/")
+    return None
+
+
+def foreign_session_url(settings: Settings, session_id: str) -> str | None:
+    """The base URL of the replica that owns ``session_id`` when that is another replica
+    (for calls that carry the id in their body, such as MCP's session tools); None when the
+    session is this replica's, or its id names no replica; ``""`` when it names one that
+    nothing says where it is (its sessions count as gone)."""
+    replica = session_replica(session_id)
+    if replica is None or replica == (settings.replica_name or None):
+        return None
+    return _replica_url(replica, settings.replica_peer_urls, settings.replica_url_template or None) or ""
+
+
 class _ClientGone(Exception):
     """The client disconnected while its request was being forwarded."""
 
@@ -128,11 +148,7 @@ class ReplicaForwarder:
 
     def replica_url(self, replica: str) -> str | None:
         """The base URL of ``replica``, or None when nothing says where it is."""
-        if replica in self.peers:
-            return self.peers[replica]
-        if self.url_template and REPLICA_NAME_PATTERN.fullmatch(replica):
-            return self.url_template.replace("{replica}", replica).rstrip("/")
-        return None
+        return _replica_url(replica, self.peers, self.url_template)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -16,6 +16,7 @@ them too); the module is skipped, with the reason, only when they cannot be.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -30,10 +31,12 @@ from unittest import mock
 
 import api_helpers
 import httpx
+import httpx2
 import pytest
 from api_helpers import Service, free_port
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
-from execbox.settings import Settings
 
 HAPROXY = "/usr/sbin/haproxy"
 REDIS = "/usr/bin/redis-server"
@@ -42,7 +45,6 @@ KEYS = {test: f"mr-{test}-key-0123456789abcdef" for test in ("state", "quota", "
 #: the per-key rate of both replicas (per hour, so that no window ends during the test)
 RATE_PER_HOUR = 40
 #: tenancy (API keys, Redis quotas) is in this execbox when its settings are
-HAS_TENANCY = {"api_keys", "key_rate", "redis_url"} <= set(Settings.model_fields)
 START_TIMEOUT_S = 30.0
 
 
@@ -126,12 +128,11 @@ def cluster(backend_ready: None) -> Iterator[dict[str, Any]]:
                 "SANDBOX_MAX_SESSIONS": "4",
                 "SANDBOX_CODE_CHECK": "guard",
             }
-            if HAS_TENANCY:
-                settings.update({
-                    "SANDBOX_API_KEYS": ",".join(f"{name}:{key}" for name, key in KEYS.items()),
-                    "SANDBOX_KEY_RATE": f"{RATE_PER_HOUR}/hour",
-                    "SANDBOX_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                })
+            settings.update({
+                "SANDBOX_API_KEYS": ",".join(f"{name}:{key}" for name, key in KEYS.items()),
+                "SANDBOX_KEY_RATE": f"{RATE_PER_HOUR}/hour",
+                "SANDBOX_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            })
             replicas[name] = Replica(name, port, settings)
         for replica in replicas.values():
             replica.start()
@@ -178,7 +179,7 @@ def cluster(backend_ready: None) -> Iterator[dict[str, Any]]:
 
 
 def auth(test: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEYS[test]}"} if HAS_TENANCY else {}
+    return {"Authorization": f"Bearer {KEYS[test]}"}
 
 
 def through_proxy(cluster: dict[str, Any], test: str) -> httpx.Client:
@@ -229,8 +230,27 @@ def check_state_is_kept(proxy: httpx.Client) -> None:
         assert [proxy.get(f"/v1/sessions/{sid}").status_code for _ in range(2)] == [404, 404]
 
 
-@pytest.mark.skipif(not HAS_TENANCY, reason="API keys and Redis quotas (SANDBOX_API_KEYS, SANDBOX_KEY_RATE, "
-                    "SANDBOX_REDIS_URL) are not in this execbox yet")
+def test_an_mcp_session_keeps_its_state_whichever_replica_the_proxy_picks(cluster: dict[str, Any]) -> None:
+    """MCP's session tools carry the id in their body: the replica that gets the call sends
+    it on to the one that owns the session."""
+
+    async def calls() -> list[Any]:
+        async with httpx2.AsyncClient(headers=auth("state"), timeout=60) as http:
+            async with Client(streamable_http_client(f"{cluster['url']}/mcp", http_client=http)) as client:
+                created = await client.call_tool("create_session", {"language": "python"})
+                sid = created.structured_content["session_id"]
+                results = [await client.call_tool("run_in_session", {"session_id": sid, "code": code})
+                           for code in ["n = 40", "n += 1", "n += 1", "n"]]
+                closed = await client.call_tool("close_session", {"session_id": sid})
+                after = await client.call_tool("run_in_session", {"session_id": sid, "code": "n"})
+                return [results, closed, after]
+
+    results, closed, after = asyncio.run(calls())
+    assert not any(r.is_error for r in results), results
+    assert "result: 42" in results[-1].content[0].text, results[-1].content[0].text
+    assert not closed.is_error and after.is_error
+
+
 def test_a_per_key_rate_quota_holds_across_both_replicas(cluster: dict[str, Any]) -> None:
     with through_proxy(cluster, "quota") as proxy:
         answers = [proxy.post("/v1/execute", json={"language": "python", "code": "print(1)"})
