@@ -17,6 +17,7 @@ exception, a timeout, an OOM kill, a disallowed syscall) is data in
     │   ├── PoolBusyError           no sandbox became free within the wait time
     │   │   └── QueueFullError      SANDBOX_QUEUE_MAX requests already wait: refused at once
     │   └── PoolClosedError         the pool is shutting down
+    ├── PackageInstallError         a request's packages could not be installed (index unreachable, timeout...)
     ├── BadRequestError             a request is invalid (unknown language, limits above maxima...)
     ├── NotFoundError               no such session or file (or not the caller's)
     ├── LimitExceededError          a quota or a service-wide cap is reached (says when to retry)
@@ -40,6 +41,7 @@ __all__ = [
     "ExecboxError",
     "LimitExceededError",
     "NotFoundError",
+    "PackageInstallError",
     "PoolBusyError",
     "PoolClosedError",
     "PoolError",
@@ -101,6 +103,12 @@ class QueueFullError(PoolBusyError):
 
 class PoolClosedError(PoolError):
     """The pool is shutting down and takes no more leases."""
+
+
+class PackageInstallError(ExecboxError):
+    """A request's packages could not be installed for a reason that is not the request's:
+    the index is unreachable, the installer failed or ran out of time (a package that does not
+    exist or is refused is a BadRequestError)."""
 
 
 class BadRequestError(ExecboxError):

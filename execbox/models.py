@@ -105,6 +105,9 @@ class ExecutionRequest(_Frozen):
     files: dict[str, bytes] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     limits: Limits | None = None
+    #: requirements installed for this execution only ("tabulate==0.9.0", "is-number@7.0.0"),
+    #: within SANDBOX_PACKAGES (see docs/packages.md); () runs in a warm pool sandbox
+    packages: tuple[str, ...] = ()
 
 
 class Artifact(_Frozen):
@@ -179,6 +182,8 @@ class SessionRequest(_Frozen):
     #: None: the server's SANDBOX_SESSION_IDLE_TIMEOUT (a request may only shorten it)
     idle_timeout_s: float | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    #: requirements installed for the session's whole life, as ExecutionRequest.packages
+    packages: tuple[str, ...] = ()
 
 
 class CellRequest(_Frozen):

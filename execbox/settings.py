@@ -51,6 +51,8 @@ _RATE_PERIODS_S = {"second": 1.0, "s": 1.0, "minute": 60.0, "m": 60.0, "hour": 3
 
 DURATION_FORM = "a duration such as 500ms, 10s, 2m or 1m30s"
 SIZE_FORM = "a size such as 512k, 256m or 1g (units b, k, m, g)"
+#: one SANDBOX_PACKAGES entry: an npm or PyPI name, optionally with its language
+_ALLOWED_PACKAGE = re.compile(r"(?:(?:python|nodejs):)?(?:@[a-z0-9][a-z0-9._~-]*/)?[a-z0-9][a-z0-9._~-]*")
 RATE_FORM = "a rate such as 100/minute, 10/second or 1000/hour, or empty for no limit"
 
 
@@ -131,11 +133,13 @@ SIZE_RANGES: dict[str, tuple[int, int]] = {
     "max_disk": (1 * _M, 64 * _G),
     "max_code_size": (1 * _K, 32 * _M),
     "max_body_size": (64 * _K, 1 * _G),
+    "packages_cache_size": (16 * _M, 1 << 40),
 }
 DURATION_RANGES_S: dict[str, tuple[float, float]] = {
     "timeout": (0.01, 86400.0),
     "pool_wait": (0.001, 3600.0),
     "body_timeout": (0.1, 3600.0),
+    "packages_install_timeout": (1.0, 3600.0),
 }
 #: settings whose value is a secret: never in an error message, a log line or an answer
 SECRET_SETTINGS = frozenset({"api_keys", "redis_url"})
@@ -254,6 +258,13 @@ class Settings(BaseSettings):
         SecretStr(""), description="Redis that replicas share the rate and concurrency quotas through "
         "(redis://host:6379/0); empty = each process on its own",
     )
+    packages: str = Field(
+        "off",
+        description="packages a request may install (docs/packages.md): off | any | an allowlist of names, "
+        "comma-separated, each optionally python: or nodejs:",
+    )
+    packages_cache_size: Size = Field(2 * _G, description="disk the package layers may take; least recently used go first")
+    packages_install_timeout: Duration = Field(120.0, description="longest installation of one request's packages")
     bind_host: str = Field("0.0.0.0", description="address the HTTP service listens on")
     log_level: str = Field("info", description="debug | info | warning | error")
 
@@ -306,6 +317,28 @@ class Settings(BaseSettings):
         if unknown or not names:
             raise ValueError(f"{value!r} must name one or more of {', '.join(known)}, comma-separated")
         return ",".join(dict.fromkeys(names))
+
+    @field_validator("packages")
+    @classmethod
+    def _check_packages(cls, value: str) -> str:
+        text = value.strip().lower()
+        if text in ("off", "any"):
+            return text
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        bad = [name for name in names if not _ALLOWED_PACKAGE.fullmatch(name)]
+        if bad or not names:
+            raise ValueError(
+                f"{value!r} is not off, any, or a comma-separated list of package names "
+                "(each optionally prefixed python: or nodejs:)"
+            )
+        return ",".join(dict.fromkeys(names))
+
+    @property
+    def packages_allowed(self) -> frozenset[str] | None:
+        """SANDBOX_PACKAGES as a set of ``[language:]name`` (empty: off); None for ``any``."""
+        if self.packages == "any":
+            return None
+        return frozenset() if self.packages == "off" else frozenset(self.packages.split(","))
 
     @property
     def served_languages(self) -> tuple[Language, ...]:

@@ -33,6 +33,7 @@ from execbox.errors import (
     BadRequestError,
     LimitExceededError,
     NotFoundError,
+    PackageInstallError,
     QueueFullError,
     UnavailableError,
 )
@@ -160,3 +161,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadRequestError)
     async def _bad_request(_: Request, exc: BadRequestError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(PackageInstallError)  # a session's packages (an execution's are a verdict)
+    async def _install_failed(_: Request, exc: PackageInstallError) -> JSONResponse:
+        return JSONResponse({"detail": f"installing the packages failed: {exc}"}, status_code=502)

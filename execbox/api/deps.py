@@ -62,6 +62,7 @@ __all__ = [
     "SettingsDep",
     "admission",
     "check_code_size",
+    "checked_packages",
     "get_caller",
     "get_executor",
     "get_metrics",
@@ -230,7 +231,16 @@ async def native_request(
         files={name: base64.b64decode(data) for name, data in body.files.items()},
         env=body.env,
         limits=merged_limits(settings, executor, body.limits),
+        packages=checked_packages(executor, body),
     )
+
+
+def checked_packages(executor: Executor, body: ExecuteRequest) -> tuple[str, ...]:
+    """The body's packages, canonical; a 422 naming ``packages`` when one is malformed or not allowed."""
+    try:
+        return executor.packages.check(body.language, body.packages)
+    except BadRequestError as exc:
+        raise validation_error(("body", "packages"), str(exc)) from exc
 
 
 RunRequestDep = Annotated[ExecutionRequest, Depends(run_request)]

@@ -52,6 +52,10 @@ __all__ = [
 
 #: the smallest per-request memory limit (below it no interpreter starts; the kernel takes pages)
 MIN_MEMORY_BYTES = 16 << 20
+_PACKAGES_HELP = (
+    "packages installed for this request only, within SANDBOX_PACKAGES (docs/packages.md): "
+    "Python tabulate==0.9.0 (binary wheels only), Node.js is-number@7.0.0 (no install scripts)"
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -168,6 +172,7 @@ class ExecuteRequest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict, description="extra input files: relative path -> base64")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
     limits: LimitsIn | None = None
+    packages: list[str] = Field(default_factory=list, max_length=32, description=_PACKAGES_HELP)
 
     @field_validator("code", "stdin")
     @classmethod
@@ -237,6 +242,7 @@ class SessionCreateIn(BaseModel):
         None, gt=0, le=86400, description="seconds without a call before the session ends (at most the server's)"
     )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+    packages: list[str] = Field(default_factory=list, max_length=32, description=_PACKAGES_HELP)
 
     @field_validator("env")
     @classmethod
@@ -245,7 +251,8 @@ class SessionCreateIn(BaseModel):
 
     def to_request(self, limits: Limits | None) -> SessionRequest:
         return SessionRequest(
-            language=self.language, limits=limits, idle_timeout_s=self.idle_timeout_s, env=self.env
+            language=self.language, limits=limits, idle_timeout_s=self.idle_timeout_s, env=self.env,
+            packages=tuple(self.packages),
         )
 
 

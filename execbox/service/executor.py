@@ -1,6 +1,8 @@
 """The one place that turns an ExecutionRequest into an ExecutionResult.
 
 policy check -> lease a warm sandbox -> run -> collect artifacts -> classify -> destroy.
+A request with ``packages`` runs instead in a sandbox built for it with its package layer
+(``create_dedicated``; see :mod:`execbox.service.packages`); the pools never see it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from execbox.artifacts import collect_artifacts_report
 from execbox.errors import (
     BadRequestError,
     ExecboxError,
+    PackageInstallError,
     PoolBusyError,
     PoolClosedError,
     QueueFullError,
@@ -37,6 +40,7 @@ from execbox.service.classify import (
     classify,
     runner_error,
 )
+from execbox.service.packages import LayeredSandbox, PackageCache, package_spec, packages_backend
 from execbox.service.specs import sandbox_spec
 from execbox.settings import CodeCheckMode, Settings
 
@@ -88,6 +92,10 @@ class Executor:
         self._build_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="execbox-build")
         self._closing = False
         self._dedicated_specs: dict[Language, SandboxSpec] = {}
+        #: the package layers (SANDBOX_PACKAGES), and the backend that builds their sandboxes
+        self.packages = PackageCache(settings)
+        self._packages_backend: IsolationBackend | None = None
+        self._destroying: set[asyncio.Future[None]] = set()
 
     def _check_environments(self) -> None:
         self.warnings.extend(check_environments(self.settings, self._languages))
@@ -114,6 +122,7 @@ class Executor:
             )
             pool.start()
             self._pools[language] = pool
+        self.warnings.extend(await loop.run_in_executor(self._build_threads, self.packages.start))
 
     async def __aenter__(self) -> Executor:
         await self.start()
@@ -127,7 +136,11 @@ class Executor:
         self._closing = True
         await asyncio.gather(*(pool.close() for pool in self._pools.values()))
         self._run_threads.shutdown(wait=True)
+        await asyncio.gather(*self._destroying)
         self._build_threads.shutdown(wait=True)
+        self.packages.close()
+        if self._packages_backend not in (None, self.backend):
+            self._packages_backend.close()
         if self.backend is not None:
             self.backend.close()
 
@@ -194,14 +207,39 @@ class Executor:
             spec = self._dedicated_specs.setdefault(language, spec)
         return spec
 
-    async def create_dedicated(self, language: Language) -> Sandbox:
-        """A new sandbox for a session, never taken from nor returned to a pool."""
+    async def create_dedicated(self, language: Language, packages: tuple[str, ...] = ()) -> Sandbox:
+        """A new sandbox for a session (or a request with ``packages``: then with their layer
+        mounted, installed first if needed), never taken from nor returned to a pool.
+        BadRequestError for packages refused; PackageInstallError when installing failed."""
+        requirements = self.packages.check(language, packages)
         if self.backend is None or self._closing:
             raise PoolClosedError("the executor is not running")
         if language not in self._languages:
             raise BadRequestError(f"{language.value} is not served here")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._build_threads, self.backend.create, self.dedicated_spec(language))
+        spec = self.dedicated_spec(language)
+        if not requirements:
+            return await loop.run_in_executor(self._build_threads, self.backend.create, spec)
+        lease = await self.packages.acquire(language, requirements, spec.runtime_env_dir)
+        try:
+            backend = self.backend
+            if lease.path is not None:  # else the runtime has them all: nothing to mount
+                spec = package_spec(spec, lease.path)
+                if self._packages_backend is None:
+                    self._packages_backend = packages_backend(self.backend, self.settings)
+                backend = self._packages_backend
+            sandbox = await loop.run_in_executor(self._build_threads, backend.create, spec)
+        except BaseException:
+            lease.release()
+            raise
+        return LayeredSandbox(sandbox, lease)
+
+    def _destroy_later(self, sandbox: Sandbox) -> None:
+        """Destroy a sandbox used once (not a pool's) in a build thread; close() waits for it."""
+        future = asyncio.get_running_loop().run_in_executor(self._build_threads, sandbox.destroy)
+        future.add_done_callback(lambda f: f.exception() and log.error("destroying %s: %s", sandbox.id, f.exception()))
+        self._destroying.add(future)
+        future.add_done_callback(self._destroying.discard)
 
     async def _execute(self, request: ExecutionRequest, on_output: OutputSink | None) -> ExecutionResult:
         limits = self.limits_for(request)
@@ -210,12 +248,21 @@ class Executor:
         pool = self._pools.get(request.language)
         if pool is None or self._closing:
             return runner_error(EXIT_INTERNAL, "internal_error", f"no {request.language.value} pool is running\n")
+        give_back = pool.release
         try:
-            sandbox = await pool.lease(self.settings.pool_wait)
+            if request.packages:
+                sandbox, give_back = await self.create_dedicated(request.language, request.packages), self._destroy_later
+            else:
+                sandbox = await pool.lease(self.settings.pool_wait)
         except QueueFullError:
             raise
         except PoolBusyError:
             return busy_result()
+        except PackageInstallError as exc:
+            log.warning("packages of a %s request not installed: %s", request.language.value, exc)
+            return runner_error(EXIT_INTERNAL, "package_install_failed", f"installing the packages failed: {exc}\n")
+        except BadRequestError:
+            raise
         except ExecboxError as exc:  # PoolClosedError, or a pool that cannot build sandboxes
             log.error("no sandbox for a %s request: %s", request.language.value, exc)
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
@@ -227,13 +274,13 @@ class Executor:
             # the caller went away (a closed connection, a client timeout): stop the program
             # now; the sandbox is released once the worker thread has let go of it
             sandbox.abort()
-            work.add_done_callback(lambda _: pool.release(sandbox))
+            work.add_done_callback(lambda _: give_back(sandbox))
             raise
         except (ExecboxError, OSError) as exc:
-            pool.release(sandbox)
+            give_back(sandbox)
             log.error("execution in sandbox %s failed: %s", sandbox.id, exc)
             return runner_error(EXIT_INTERNAL, "internal_error", f"{type(exc).__name__}: {exc}\n")
-        pool.release(sandbox)
+        give_back(sandbox)
         return classify(
             outcome, wall_time_s=limits.wall_time_s, artifacts=artifacts, artifacts_skipped=skipped,
             backend=sandbox.backend_name,

@@ -138,7 +138,7 @@ class SessionManager:
         self._admit(owner)
         self._creating += 1
         try:
-            sandbox = await self.executor.create_dedicated(request.language)
+            sandbox = await self.executor.create_dedicated(request.language, request.packages)
         finally:
             self._creating -= 1
         now = time.time()
