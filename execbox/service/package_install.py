@@ -61,6 +61,8 @@ PASSED_VARIABLES = (
     "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_DEFAULT_TIMEOUT", "PIP_RETRIES", "PIP_CONSTRAINT", "PIP_CONFIG_FILE",
     "npm_config_registry", "npm_config_cafile", "npm_config_strict_ssl", "npm_config_proxy",
     "npm_config_https_proxy", "npm_config_noproxy", "npm_config_userconfig", "npm_config_globalconfig",
+    "npm_config_fetch_retries", "npm_config_fetch_retry_mintimeout", "npm_config_fetch_retry_maxtimeout",
+    "npm_config_fetch_timeout",
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
 )  # fmt: skip

@@ -56,6 +56,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -281,6 +282,7 @@ class PackageCache:
         self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="execbox-packages")
         self._building: dict[str, asyncio.Lock] = {}
         self._over_cap = False
+        self._evicting = threading.Lock()
         self._problems: dict[str, str] = {}
         self.counts = {"hits": 0, "installs": 0, "refused": 0, "failures": 0, "evictions": 0}
 
@@ -473,6 +475,10 @@ class PackageCache:
 
     def _evict(self, protect: str | None) -> None:
         """Remove the least recently used layers nobody holds until the cache fits its size."""
+        with self._evicting:  # one at a time: each sees what the last one left
+            self._evict_locked(protect)
+
+    def _evict_locked(self, protect: str | None) -> None:
         entries = []
         for path in self.root.glob("*.json"):
             with contextlib.suppress(OSError):
