@@ -231,16 +231,21 @@ async def native_request(
         files={name: base64.b64decode(data) for name, data in body.files.items()},
         env=body.env,
         limits=merged_limits(settings, executor, body.limits),
-        packages=checked_packages(executor, body),
+        packages=await checked_packages(executor, body),
     )
 
 
-def checked_packages(executor: Executor, body: ExecuteRequest) -> tuple[str, ...]:
-    """The body's packages, canonical; a 422 naming ``packages`` when one is malformed or not allowed."""
+async def checked_packages(executor: Executor, body: ExecuteRequest) -> tuple[str, ...]:
+    """The body's packages, canonical and installed: a package malformed, not allowed, missing
+    from the index or without a wheel is a 422 naming ``packages`` before anything runs or
+    streams (a failure to install is the execution's verdict)."""
     try:
-        return executor.packages.check(body.language, body.packages)
+        packages = executor.packages.check(body.language, body.packages)
+        if packages:
+            await executor.prepare_packages(body.language, packages)
     except BadRequestError as exc:
         raise validation_error(("body", "packages"), str(exc)) from exc
+    return packages
 
 
 RunRequestDep = Annotated[ExecutionRequest, Depends(run_request)]

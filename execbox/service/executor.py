@@ -8,6 +8,7 @@ A request with ``packages`` runs instead in a sandbox built for it with its pack
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -233,6 +234,16 @@ class Executor:
             lease.release()
             raise
         return LayeredSandbox(sandbox, lease)
+
+    async def prepare_packages(self, language: Language, packages: tuple[str, ...]) -> None:
+        """Install ``packages`` now if they are not cached (BadRequestError if refused), so that
+        a refusal comes before anything runs; a failure to install is left to the verdict."""
+        requirements = self.packages.check(language, packages)
+        if language not in self._languages:
+            raise BadRequestError(f"{language.value} is not served here")
+        with contextlib.suppress(PackageInstallError):
+            lease = await self.packages.acquire(language, requirements, self.dedicated_spec(language).runtime_env_dir)
+            lease.release()
 
     def _destroy_later(self, sandbox: Sandbox) -> None:
         """Destroy a sandbox used once (not a pool's) in a build thread; close() waits for it."""

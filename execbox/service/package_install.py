@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -51,6 +52,8 @@ __all__ = [
     "normalise_python_name",
     "npm_failure",
     "pip_failure",
+    "remove_tree",
+    "seal_layer",
 ]
 
 #: the user installers run as when the service is root (``nobody``)
@@ -126,6 +129,46 @@ def _run(argv: list[str], *, cwd: Path, work: Path, deadline: float, what: str) 
 def _error_lines(output: str, marker: str, count: int = 12) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip().startswith(marker)]
     return "\n".join(lines[-count:]) or "\n".join(output.strip().splitlines()[-count:])
+
+
+# -- the built directory --------------------------------------------------------------------
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree of a read-only layer (directories made writable first; no symlink followed)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink():
+        for directory, subdirs, _ in os.walk(path):
+            with contextlib.suppress(OSError):
+                os.chmod(directory, 0o700)
+            subdirs[:] = [d for d in subdirs if not os.path.islink(os.path.join(directory, d))]
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def seal_layer(layer: Path) -> int:
+    """Make a built layer root's and read-only; its size in bytes (blocks on disk).
+
+    Every entry must be the installer's own (a file it did not create, e.g. a hard link to
+    a host file, is refused); symlinks are never followed, only owned over."""
+    size = 0
+    check = os.geteuid() == 0
+    for directory, subdirs, files in os.walk(layer):
+        names = [os.path.join(directory, name) for name in (*subdirs, *files)]
+        for path in [str(layer), *names] if directory == str(layer) else names:
+            info = os.lstat(path)
+            if check and info.st_uid != INSTALLER_UID:
+                raise PackageInstallError(f"the installer left {path} owned by uid {info.st_uid}: refused")
+            size += info.st_blocks * 512
+            if check:
+                os.lchown(path, 0, 0)
+            if os.path.islink(path):
+                continue
+            executable = info.st_mode & 0o111 or stat.S_ISDIR(info.st_mode)
+            os.chmod(path, 0o555 if executable else 0o444)
+    return size
 
 
 # -- Python --------------------------------------------------------------------------------

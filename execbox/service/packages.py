@@ -53,8 +53,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import stat
 import tempfile
 import threading
 import time
@@ -62,7 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from execbox.errors import BadRequestError, PackageInstallError
+from execbox.errors import BadRequestError, ExecboxError, PackageInstallError
 from execbox.isolation.base import IsolationBackend, Mount, OutputSink, RunOutcome, Sandbox, SandboxSpec
 from execbox.models import ExecutionRequest, Language, Limits
 from execbox.service.backends import build_backend
@@ -72,10 +70,13 @@ from execbox.service.package_install import (
     install_python,
     installer_problems,
     normalise_python_name,
+    remove_tree,
+    seal_layer,
 )
 from execbox.settings import Settings
 
 __all__ = [
+    "FAILURE_MEMORY_S",
     "MAX_REQUIREMENTS",
     "PACKAGES_MOUNT",
     "LayerLease",
@@ -104,6 +105,9 @@ _FORMS = {
 }
 #: written by ``execbox build`` in every runtime environment (environments.py): part of a layer's key
 _BUILD_STAMP = ".execbox-build.json"
+#: a set refused or failed is answered the same way this long without running an installer
+#: again (a burst of requests for a package that does not exist costs one pip run)
+FAILURE_MEMORY_S = 30.0
 
 
 # -- requirements -------------------------------------------------------------------------
@@ -235,43 +239,6 @@ class LayeredSandbox(Sandbox):
 # -- the cache -----------------------------------------------------------------------------
 
 
-def _remove_tree(path: Path) -> None:
-    """rmtree of a read-only layer (directories made writable first; no symlink followed)."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if path.is_dir() and not path.is_symlink():
-        for directory, subdirs, _ in os.walk(path):
-            with contextlib.suppress(OSError):
-                os.chmod(directory, 0o700)
-            subdirs[:] = [d for d in subdirs if not os.path.islink(os.path.join(directory, d))]
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def seal_layer(layer: Path) -> int:
-    """Make a built layer root's and read-only; its size in bytes (blocks on disk).
-
-    Every entry must be the installer's own (a file it did not create, e.g. a hard link to
-    a host file, is refused); symlinks are never followed, only owned over."""
-    size = 0
-    check = os.geteuid() == 0
-    for directory, subdirs, files in os.walk(layer):
-        names = [os.path.join(directory, name) for name in (*subdirs, *files)]
-        for path in [str(layer), *names] if directory == str(layer) else names:
-            info = os.lstat(path)
-            if check and info.st_uid != INSTALLER_UID:
-                raise PackageInstallError(f"the installer left {path} owned by uid {info.st_uid}: refused")
-            size += info.st_blocks * 512
-            if check:
-                os.lchown(path, 0, 0)
-            if os.path.islink(path):
-                continue
-            executable = info.st_mode & 0o111 or stat.S_ISDIR(info.st_mode)
-            os.chmod(path, 0o555 if executable else 0o444)
-    return size
-
-
 class PackageCache:
     """The layers on disk, their locks and LRU; see the module docstring."""
 
@@ -284,6 +251,7 @@ class PackageCache:
         self._over_cap = False
         self._evicting = threading.Lock()
         self._problems: dict[str, str] = {}
+        self._failed: dict[str, tuple[float, ExecboxError]] = {}
         self.counts = {"hits": 0, "installs": 0, "refused": 0, "failures": 0, "evictions": 0}
 
     @property
@@ -302,7 +270,7 @@ class PackageCache:
             leftover = path.name.startswith(".") or (path.name == key and not (self.root / f"{key}.json").exists())
             if not leftover or (fd := self._lock(key, fcntl.LOCK_EX | fcntl.LOCK_NB)) is None:
                 continue  # a layer, a record, a lock, or a build under way
-            _remove_tree(path)
+            remove_tree(path)
             os.close(fd)
         self._problems = installer_problems()
         return [f"SANDBOX_PACKAGES is set but {language} packages cannot be installed: {why}"
@@ -344,6 +312,8 @@ class PackageCache:
             return lease
         building = self._building.setdefault(key, asyncio.Lock())
         async with building:  # one build per key in this process (flock serialises processes)
+            if (failed := self._failed.get(key)) is not None and time.monotonic() - failed[0] < FAILURE_MEMORY_S:
+                raise type(failed[1])(str(failed[1]))
             work = asyncio.get_running_loop().run_in_executor(
                 self._threads, self._get_or_build, key, language, requirements, runtime_env_dir
             )
@@ -351,6 +321,10 @@ class PackageCache:
                 lease, built = await asyncio.shield(work)
             except asyncio.CancelledError:  # the caller went away: the layer stays cached
                 work.add_done_callback(lambda f: f.exception() is None and f.result()[0].release())
+                raise
+            except (BadRequestError, PackageInstallError) as exc:
+                self._failed = {k: v for k, v in self._failed.items() if time.monotonic() - v[0] < FAILURE_MEMORY_S}
+                self._failed[key] = (time.monotonic(), exc)
                 raise
         if not building.locked():
             self._building.pop(key, None)
@@ -432,7 +406,7 @@ class PackageCache:
 
     def _build(self, key: str, language: Language, requirements: tuple[str, ...], env_dir: Path) -> None:
         started = time.monotonic()
-        _remove_tree(self.root / key)  # a layer left without its record
+        remove_tree(self.root / key)  # a layer left without its record
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=self.root))
         try:
             layer, work = staging / "layer", staging / "work"
@@ -471,7 +445,7 @@ class PackageCache:
             log.info("package layer %s built in %.1fs: %s (%d KiB)", key, time.monotonic() - started,
                      " ".join(installed) or "nothing beyond the runtime", size >> 10)  # fmt: skip
         finally:
-            _remove_tree(staging)
+            remove_tree(staging)
 
     def _evict(self, protect: str | None) -> None:
         """Remove the least recently used layers nobody holds until the cache fits its size."""
@@ -494,7 +468,7 @@ class PackageCache:
                 continue
             try:
                 (self.root / f"{key}.json").unlink(missing_ok=True)
-                _remove_tree(self.root / key)
+                remove_tree(self.root / key)
                 (self.root / f"{key}.lock").unlink(missing_ok=True)
             finally:
                 os.close(fd)

@@ -122,7 +122,7 @@ def test_an_unreachable_index_is_a_verdict(executor: Any, monkeypatch: pytest.Mo
     assert "the package index could not be reached" in result.stderr, executor.describe(result)
     monkeypatch.setenv("npm_config_registry", "http://127.0.0.1:9/")
     monkeypatch.setenv("npm_config_fetch_retries", "0")
-    result = executor.run("function main() { return 1 }", "nodejs", packages=("left-pad@1.3.0",))
+    result = executor.run("function main() { return 1 }", "nodejs", packages=("left-pad@1.2.0",))
     assert result.status is Status.PROGRAM_RUNNER_ERROR and "npm registry could not be reached" in result.stderr
 
 

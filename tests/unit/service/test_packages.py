@@ -361,3 +361,21 @@ def test_start_removes_what_a_crashed_build_left(tmp_path: Path) -> None:
     (cache.root / ("d" * 32)).mkdir()  # a layer without its record
     cache.start()
     assert sorted(p.name for p in cache.root.iterdir() if not p.name.endswith(".lock")) == ["k" * 32, f"{'k' * 32}.json"]
+
+
+def test_a_refused_set_is_answered_again_without_running_the_installer(tmp_path: Path) -> None:
+    cache = PackageCache(settings(tmp_path, packages="any"))
+    cache.root.mkdir()
+    (tmp_path / "env").mkdir()
+    calls = []
+
+    def refuse(*args: object) -> None:
+        calls.append(args)
+        raise BadRequestError("nope-xyz does not exist on the package index")
+
+    cache._get_or_build = refuse  # type: ignore[assignment,method-assign]
+    for _ in range(3):
+        with pytest.raises(BadRequestError, match="nope-xyz does not exist"):
+            __import__("asyncio").run(cache.acquire(PY, ("nope-xyz",), tmp_path / "env"))
+    assert len(calls) == 1
+    cache.close()
