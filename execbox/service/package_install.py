@@ -29,6 +29,7 @@ a :class:`~execbox.errors.PackageInstallError`.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -83,8 +84,12 @@ def normalise_python_name(name: str) -> str:
 def installer_problems() -> dict[str, str]:
     """Per language, why its installer cannot run here (missing pip or npm); {} when both can."""
     problems = {}
-    if importlib.util.find_spec("pip") is None:
-        problems["python"] = f"pip is not installed for {sys.executable} (pip install pip)"
+    try:
+        pip_version = tuple(int(part) for part in importlib.metadata.version("pip").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        pip_version = (0, 0)
+    if importlib.util.find_spec("pip") is None or pip_version < (22, 3):  # 22.3: pip --python
+        problems["python"] = f"pip 22.3 or later is not installed for {sys.executable} (pip install 'pip>=22.3')"
     if shutil.which("npm") is None:
         problems["nodejs"] = "npm is not installed (apt-get install npm)"
     return problems
