@@ -247,7 +247,11 @@ class Executor:
 
     def _destroy_later(self, sandbox: Sandbox) -> None:
         """Destroy a sandbox used once (not a pool's) in a build thread; close() waits for it."""
-        future = asyncio.get_running_loop().run_in_executor(self._build_threads, sandbox.destroy)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._build_threads, sandbox.destroy)
+        except RuntimeError:  # the executor has closed its threads: destroy it here and now
+            sandbox.destroy()
+            return
         future.add_done_callback(lambda f: f.exception() and log.error("destroying %s: %s", sandbox.id, f.exception()))
         self._destroying.add(future)
         future.add_done_callback(self._destroying.discard)

@@ -56,6 +56,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,8 @@ _PY_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?"
 _PY_CLAUSE = r"(?:==|!=|<=|>=|~=|<|>)\s*[A-Za-z0-9][A-Za-z0-9.+!*_-]{0,63}"
 _PY_REQUIREMENT = re.compile(rf"({_PY_NAME})\s*((?:{_PY_CLAUSE})(?:\s*,\s*{_PY_CLAUSE})*)?")
 _NPM_NAME = r"(?:@[A-Za-z0-9][A-Za-z0-9._~-]{0,100}/)?[A-Za-z0-9][A-Za-z0-9._~-]{0,100}"
-_NPM_REQUIREMENT = re.compile(rf"({_NPM_NAME})(?:(?:@|==)([A-Za-z0-9.^~<>=*+_-]{{1,64}}))?")
+#: a version, range or tag; never one npm reads as a path (".", "..", "./x" are directories to it)
+_NPM_REQUIREMENT = re.compile(rf"({_NPM_NAME})(?:(?:@|==)([A-Za-z0-9^~<>=*][A-Za-z0-9.^~<>=*+_-]{{0,63}}))?")
 _FORMS = {
     Language.PYTHON: "a PyPI name with an optional version specifier (tabulate, tabulate==0.9.0, tabulate>=0.8,<1)",
     Language.NODEJS: "an npm name with an optional version (is-number, is-number@7.0.0, is-number@^7, @scope/name@1.2.3)",
@@ -189,7 +191,7 @@ def packages_backend(backend: IsolationBackend, settings: Settings) -> Isolation
 class LayerLease:
     """A layer in use (its lock held shared, so it is never evicted); ``release`` once."""
 
-    def __init__(self, path: Path | None, fd: int | None, on_release: Any = None) -> None:
+    def __init__(self, path: Path | None, fd: int | None, on_release: Callable[[], None] | None = None) -> None:
         #: the layer's directory; None when there is nothing to mount
         self.path = path
         self._fd = fd
@@ -358,15 +360,19 @@ class PackageCache:
         except (OSError, ValueError):
             return None
 
+    def _built(self, key: str) -> dict[str, Any] | None:
+        """The record of a layer that is built (an empty one, or one whose directory exists)."""
+        record = self._record(key)
+        return record if record is not None and (record.get("empty") or (self.root / key).is_dir()) else None
+
     def _hit(self, key: str, blocking: bool) -> LayerLease | None:
-        """A lease of the layer if it is built (its record exists), else None."""
+        """A lease of the layer if it is built, else None."""
         if not (self.root / f"{key}.json").exists():
             return None
         fd = self._lock(key, fcntl.LOCK_SH | (0 if blocking else fcntl.LOCK_NB))
         if fd is None:
             return None
-        record = self._record(key)
-        if record is None:
+        if (record := self._built(key)) is None:
             os.close(fd)
             return None
         with contextlib.suppress(OSError):
@@ -392,7 +398,7 @@ class PackageCache:
             fd = self._lock(key, fcntl.LOCK_EX)
             assert fd is not None
             try:
-                if (self.root / f"{key}.json").exists():
+                if self._built(key) is not None:
                     continue  # another process built it meanwhile
                 self._build(key, language, requirements, env_dir)
                 built = True

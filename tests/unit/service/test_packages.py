@@ -91,6 +91,7 @@ def test_python_requirements_refuse_anything_but_a_name_and_a_version(bad: str) 
         "", "--registry=http://evil", "git+https://github.com/a/b.git", "github:a/b", "a/b", "file:../x",
         "is-number@file:../x", "is-number@git+ssh://x", "is-number@npm:evil", "is-number@https://evil/x.tgz",
         "is-number@>=1 <2", "is-number@1||2", ".hidden", "_under", "is-number@", "@scope", "is number",
+        "is-number@.", "is-number@..", "is-number@.hidden", "is-number@~/x", "is-number==../x",
     ],
 )
 def test_npm_requirements_refuse_anything_but_a_name_and_a_version(bad: str) -> None:
