@@ -5,10 +5,11 @@
 #
 # Three stages on one Debian base, so that the interpreters the runtimes were built with
 # are byte for byte the ones that run them:
-#   system   what the service needs at run time: python3, nodejs, bubblewrap, runsc, tini
+#   system   what the service needs at run time: python3, nodejs, bubblewrap, runsc, tini, and
+#            npm (with the service venv's pip: packages per request, SANDBOX_PACKAGES)
 #   builder  + python3-venv, npm: execbox's venv and the sandboxes' runtime environments
 #            (`execbox build`: numpy/pandas/matplotlib/requests, npm axios)
-#   final    system + the two built trees; no pip in the sandboxes' venv, no npm, no compilers,
+#   final    system + the two built trees; no pip in the sandboxes' venv, no compilers,
 #            and none of the packages' own test suites (pandas/tests alone is 39 MB).
 #
 # Behind a TLS-intercepting proxy, give its CA to the build stage only:
@@ -28,7 +29,7 @@ RUN echo 'deb http://deb.debian.org/debian bookworm-backports main' \
         > /etc/apt/preferences.d/execbox-runsc \
  && apt-get update \
  && apt-get install -y --no-install-recommends \
-        python3 nodejs bubblewrap libseccomp2 runsc tini \
+        python3 nodejs npm bubblewrap libseccomp2 runsc tini \
  && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log
 
 FROM system AS builder
@@ -66,7 +67,6 @@ COPY execbox /src/execbox
 RUN /opt/execbox/venv/bin/pip install --quiet --no-deps /src \
  && PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels npm_config_prefer_offline=true \
         SANDBOX_STATE_DIR=/var/lib/execbox /opt/execbox/venv/bin/execbox build \
- && /opt/execbox/venv/bin/pip uninstall --quiet --yes pip \
  && find /var/lib/execbox/runtimes/python/lib/python3*/site-packages -mindepth 2 -maxdepth 3 \
         -type d -name tests -prune -exec rm -rf {} +
 
