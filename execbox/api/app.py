@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -22,7 +22,7 @@ from execbox.api.auth import KeyAuth, caller_name
 from execbox.api.body import BodyTimeout, StrictJSONRoute
 from execbox.api.deps import RateLimitedError, RunRefusal, retry_after_header
 from execbox.api.mcp import MCP_PATH, build_mcp, mcp_http_app
-from execbox.api.metrics import Metrics
+from execbox.api.metrics import HTTPMetrics, Metrics
 from execbox.api.replicas import ReplicaForwarder, forwarder_options
 from execbox.api.routes import execute as execute_routes
 from execbox.api.routes import ops as ops_routes
@@ -54,6 +54,12 @@ def _session_manager(settings: Settings, executor: Executor) -> SessionManager |
         return SessionManager(settings, executor)  # type: ignore[call-arg]
     except TypeError:  # the placeholder of execbox.service.sessions, until the manager lands
         return None
+
+
+def _session_count(manager: SessionManager | None) -> Callable[[], int] | None:
+    """How many sessions are live, from the manager's ``count()`` (None if it has none)."""
+    count = getattr(manager, "count", None)
+    return count if callable(count) else None
 
 
 def create_app(settings: Settings, executor: Executor | None = None, sessions: SessionManager | None = None) -> FastAPI:
@@ -99,7 +105,7 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
     app.state.settings = settings
     app.state.executor = engine
     app.state.sessions = manager
-    app.state.metrics = metrics = Metrics()
+    app.state.metrics = metrics = Metrics.of(engine.metrics.registry)  # beside the executor's series
     app.state.quotas = quotas
     app.router.route_class = StrictJSONRoute  # and every router's (routes/*)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout)
@@ -108,6 +114,8 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
                            on_refused=metrics.unauthenticated.inc)
         log.info("API keys on: %d key(s)%s", len(keys.names()),
                  ", /run open without a key" if settings.run_without_key else "")
+    app.add_middleware(HTTPMetrics, metrics=metrics)  # it sees every answer served here, 401s too
+    engine.metrics.read_sessions(_session_count(manager))
     # outermost: a call for another replica's session goes there before anything here
     app.add_middleware(ReplicaForwarder, **forwarder_options(settings))
     _add_error_handlers(app)

@@ -1,4 +1,4 @@
-"""Running one execution for an HTTP request: metrics, the disconnect watch, the answer.
+"""Running one execution for an HTTP request: the disconnect watch, the answer.
 
 Shared by the ``/run`` and ``/v1/execute*`` routers (and the sessions router's answer).
 """
@@ -8,12 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
 from fastapi import Request, Response
 
 from execbox.api.deps import validation_error
-from execbox.api.metrics import Metrics
 from execbox.errors import BadRequestError
 from execbox.isolation.base import OutputSink
 from execbox.models import ExecutionRequest, ExecutionResult
@@ -38,26 +36,19 @@ def gone() -> Response:
     return Response(status_code=499)
 
 
-async def execute(
-    executor: Executor, metrics: Metrics, request: ExecutionRequest, on_output: OutputSink | None = None
-) -> ExecutionResult:
-    """One execution, counted in the metrics; a BadRequestError is a 422 on ``body``."""
-    started = time.perf_counter()
+async def execute(executor: Executor, request: ExecutionRequest, on_output: OutputSink | None = None) -> ExecutionResult:
+    """One execution (counted in the metrics by the executor); a BadRequestError is a 422 on ``body``."""
     try:
-        result = await executor.execute(request, on_output)
+        return await executor.execute(request, on_output)
     except BadRequestError as exc:
         raise validation_error(("body",), str(exc)) from exc
-    metrics.observe(request, result, time.perf_counter() - started)
-    return result
 
 
-async def execute_while_connected(
-    client: Request, executor: Executor, metrics: Metrics, request: ExecutionRequest
-) -> ExecutionResult | None:
+async def execute_while_connected(client: Request, executor: Executor, request: ExecutionRequest) -> ExecutionResult | None:
     """Run ``request`` while ``client`` is connected; None once it went away (a closed
     connection, RAGFlow's own request timeout): the program is stopped and its sandbox
     freed at once, instead of running to its time limit for nobody."""
-    task = asyncio.ensure_future(execute(executor, metrics, request))
+    task = asyncio.ensure_future(execute(executor, request))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)

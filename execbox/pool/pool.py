@@ -47,6 +47,8 @@ class PoolStats:
     created_total: int
     failed_total: int
     last_error: str | None
+    #: sandboxes destroyed after the execution they served
+    recycled_total: int = 0
 
 
 class SandboxPool:
@@ -68,6 +70,7 @@ class SandboxPool:
         self._leased = 0
         self._created_total = 0
         self._failed_total = 0
+        self._recycled_total = 0
         self._consecutive_failures = 0
         self._last_error: str | None = None
         self._closed = False
@@ -116,6 +119,7 @@ class SandboxPool:
                 self._fill()
                 return sandbox
             log.warning("sandbox %s of pool %s died while ready; replacing it", sandbox.id, self.name)
+            self._failed_total += 1
             self._destroy(sandbox)
         assert self._loop is not None, "pool not started"
         if self.queue_max is not None and sum(1 for w in self._waiters if not w.done()) >= self.queue_max:
@@ -145,6 +149,7 @@ class SandboxPool:
     def release(self, sandbox: Sandbox) -> None:
         """Give back a leased sandbox: it is destroyed (never reused) and replaced."""
         self._leased -= 1
+        self._recycled_total += 1
         self._destroy(sandbox)
         self._fill()
 
@@ -221,4 +226,5 @@ class SandboxPool:
             created_total=self._created_total,
             failed_total=self._failed_total,
             last_error=self._last_error,
+            recycled_total=self._recycled_total,
         )

@@ -42,6 +42,7 @@ from execbox.service.classify import (
     runner_error,
 )
 from execbox.service.packages import LayeredSandbox, PackageCache, package_spec, packages_backend
+from execbox.service.metrics import ServiceMetrics
 from execbox.service.specs import sandbox_spec
 from execbox.settings import CodeCheckMode, Settings
 
@@ -81,8 +82,13 @@ class Executor:
         backend: IsolationBackend | None = None,
         languages: tuple[Language, ...] | None = None,
         pool_size: int | None = None,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.settings = settings
+        #: the Prometheus series of this executor (its own registry unless one is given)
+        self.metrics = metrics or ServiceMetrics()
+        self.metrics.read_pools(self.pool_stats)
+        self.metrics.read_build(self._build_info)
         self.backend = backend
         self.warnings: list[str] = []
         self._languages = settings.served_languages if languages is None else languages
@@ -157,6 +163,11 @@ class Executor:
         """The backend's own description: runsc version, platform and mode for gVisor..."""
         return self.backend.describe() if self.backend is not None else {}
 
+    def _build_info(self) -> dict[str, str]:
+        from execbox import __version__
+
+        return {"version": __version__, "runsc_version": str(self.backend_info.get("runsc_version") or "")}
+
     @property
     def backend_name(self) -> str | None:
         return self.backend.name if self.backend else None
@@ -195,6 +206,7 @@ class Executor:
             return None
         findings = inspect_code(code, language.value, self.settings.code_check)
         if findings and self.settings.code_check in (CodeCheckMode.BLOCK, CodeCheckMode.GUARD):
+            self.metrics.observe_blocked(language.value, {f.rule or "unnamed" for f in findings})
             return runner_error(EXIT_UNSAFE, "Code is unsafe", "\n".join(map(str, findings)) + "\n")
         for finding in findings:
             log.warning("code check (warn mode): %s", finding)
@@ -264,14 +276,17 @@ class Executor:
         if pool is None or self._closing:
             return runner_error(EXIT_INTERNAL, "internal_error", f"no {request.language.value} pool is running\n")
         give_back = pool.release
+        waited_from = time.perf_counter()
         try:
             if request.packages:
                 sandbox, give_back = await self.create_dedicated(request.language, request.packages), self._destroy_later
             else:
                 sandbox = await pool.lease(self.settings.pool_wait)
+                self.metrics.observe_pool_wait(pool.name, time.perf_counter() - waited_from)
         except QueueFullError:
             raise
         except PoolBusyError:
+            self.metrics.observe_pool_wait(pool.name, time.perf_counter() - waited_from)
             return busy_result()
         except PackageInstallError as exc:
             log.warning("packages of a %s request not installed: %s", request.language.value, exc)
@@ -304,7 +319,10 @@ class Executor:
     def log_execution(
         self, request: ExecutionRequest, result: ExecutionResult, started: float, session_id: str | None = None
     ) -> None:
-        """One JSON line per execution (or session cell): never its code or output."""
+        """One JSON line per execution (or session cell), and its metrics: never its code or output."""
+        self.metrics.observe_execution(
+            request.language.value, result.backend or self.backend_name, result.status.value, time.perf_counter() - started
+        )
         record = {
             "language": request.language.value,
             "status": result.status.value,

@@ -116,10 +116,15 @@ def test_metrics_count_executions(client: httpx.Client) -> None:
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    text = response.text
-    assert 'execbox_executions_total{language="python",status="success"}' in text
-    assert "execbox_execution_seconds_bucket" in text
-    assert "execbox_pool_ready" in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [sample for family in text_string_to_metric_families(response.text) for sample in family.samples]
+    executions = [s for s in samples if s.name == "execbox_executions_total"]
+    assert any(s.labels["language"] == "python" and s.labels["status"] == "success" and s.value >= 1 for s in executions)
+    assert {s.labels["backend"] for s in executions} == {client.get("/v1/info").json()["backend"]}
+    assert any(s.name == "execbox_execution_seconds_bucket" for s in samples)
+    assert any(s.name == "execbox_pool_ready" for s in samples)
+    assert any(s.name == "execbox_build_info" and s.labels["version"] for s in samples)
 
 
 def test_openapi_documents_both_apis(client: httpx.Client) -> None:

@@ -24,12 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from execbox.api.body import StrictJSONRoute
-from execbox.api.deps import (
-    ExecutorDep,
-    MetricsDep,
-    NativeAdmissionDep,
-    NativeRequestDep,
-)
+from execbox.api.deps import ExecutorDep, NativeAdmissionDep, NativeRequestDep
 from execbox.api.running import answer, execute, execute_while_connected, gone
 from execbox.api.schemas import ExecuteResponse
 from execbox.errors import QueueFullError
@@ -45,10 +40,9 @@ _STREAMS = ("stdout", "stderr")
 
 @router.post("/v1/execute", response_model=ExecuteResponse, summary="Run code with per-request limits and inputs")
 async def execute_v1(
-    execution: NativeRequestDep, _admitted: NativeAdmissionDep, request: Request, executor: ExecutorDep,
-    metrics: MetricsDep,
+    execution: NativeRequestDep, _admitted: NativeAdmissionDep, request: Request, executor: ExecutorDep
 ) -> Any:
-    result = await execute_while_connected(request, executor, metrics, execution)
+    result = await execute_while_connected(request, executor, execution)
     return gone() if result is None else answer(result, native=True)
 
 
@@ -62,7 +56,7 @@ async def execute_v1(
     response_class=EventSourceResponse,
 )
 async def execute_stream(
-    execution: NativeRequestDep, _admitted: NativeAdmissionDep, executor: ExecutorDep, metrics: MetricsDep
+    execution: NativeRequestDep, _admitted: NativeAdmissionDep, executor: ExecutorDep
 ) -> AsyncIterator[ServerSentEvent]:
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -73,7 +67,7 @@ async def execute_stream(
         if text:
             loop.call_soon_threadsafe(chunks.put_nowait, (stream, text))
 
-    run = asyncio.ensure_future(execute(executor, metrics, execution, on_output))
+    run = asyncio.ensure_future(execute(executor, execution, on_output))
     try:
         while True:
             getter = asyncio.ensure_future(chunks.get())

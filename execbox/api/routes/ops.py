@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from execbox.api.body import StrictJSONRoute
-from execbox.api.deps import ExecutorDep, MetricsDep, SettingsDep
+from execbox.api.deps import ExecutorDep, SettingsDep
 
 __all__ = ["router"]
 
@@ -57,8 +57,5 @@ async def info(settings: SettingsDep, executor: ExecutorDep) -> dict[str, Any]:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-async def prometheus(executor: ExecutorDep, metrics: MetricsDep) -> Response:
-    for stat in executor.pool_stats():
-        metrics.ready.labels(stat.name).set(stat.ready)
-        metrics.leased.labels(stat.name).set(stat.leased)
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def prometheus(executor: ExecutorDep) -> Response:
+    return Response(generate_latest(executor.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from execbox.api.body import StrictJSONRoute
-from execbox.api.deps import ExecutorDep, MetricsDep, RunAdmissionDep, RunRequestDep
+from execbox.api.deps import ExecutorDep, RunAdmissionDep, RunRequestDep
 from execbox.api.running import answer, execute_while_connected, gone
 from execbox.api.schemas import RunResponse
 from execbox.errors import QueueFullError
@@ -24,10 +24,10 @@ router = APIRouter(tags=["RAGFlow"], route_class=StrictJSONRoute)
 
 @router.post("/run", response_model=RunResponse, summary="Run code (RAGFlow's contract)")
 async def run(
-    execution: RunRequestDep, _admitted: RunAdmissionDep, request: Request, executor: ExecutorDep, metrics: MetricsDep
+    execution: RunRequestDep, _admitted: RunAdmissionDep, request: Request, executor: ExecutorDep
 ) -> Any:
     try:
-        result = await execute_while_connected(request, executor, metrics, execution)
+        result = await execute_while_connected(request, executor, execution)
     except QueueFullError:
         return answer(busy_result(), native=False)
     return gone() if result is None else answer(result, native=False)
