@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import logging.config
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -155,6 +155,7 @@ def serve(
     import uvicorn
 
     from execbox.api.app import create_app
+    from execbox.api.logs import log_config
 
     settings = _service_settings()
     if os.geteuid() != 0:
@@ -169,6 +170,7 @@ def serve(
         host=host or settings.bind_host,
         port=port or settings.executor_manager_port,
         log_level=settings.log_level,
+        log_config=log_config(settings.log_level),  # uvicorn's lines in the same JSON
         access_log=settings.log_level == "debug",  # each execution already logs one structured line
         timeout_graceful_shutdown=int(settings.timeout) + 5,
     )
@@ -176,7 +178,8 @@ def serve(
 
 def _service_settings():  # type: ignore[no-untyped-def]
     """The settings of a long-running service (``serve``, ``mcp``), its runtime environments
-    checked (exit 1 when none is built) and its logging on stderr."""
+    checked (exit 1 when none is built) and its logging on stderr, one JSON object a line."""
+    from execbox.api.logs import log_config
     from execbox.service.executor import check_environments
 
     settings = _settings()
@@ -185,10 +188,7 @@ def _service_settings():  # type: ignore[no-untyped-def]
     except ExecboxError as exc:
         typer.echo(f"execbox: {exc}", err=True)
         raise typer.Exit(1) from exc
-    logging.basicConfig(
-        level=settings.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logging.config.dictConfig(log_config(settings.log_level))
     return settings
 
 

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from execbox.api.auth import KeyAuth, caller_name
 from execbox.api.body import BodyTimeout, StrictJSONRoute
 from execbox.api.deps import RateLimitedError, RunRefusal, retry_after_header
+from execbox.api.logs import RequestID
 from execbox.api.mcp import MCP_PATH, build_mcp, mcp_http_app
 from execbox.api.metrics import HTTPMetrics, Metrics
 from execbox.api.replicas import ReplicaForwarder, forwarder_options
@@ -28,6 +29,7 @@ from execbox.api.routes import execute as execute_routes
 from execbox.api.routes import ops as ops_routes
 from execbox.api.routes import ragflow as ragflow_routes
 from execbox.api.routes import sessions as sessions_routes
+from execbox.api.routes.docs import install_docs
 from execbox.api.schemas import RunResponse
 from execbox.errors import (
     BadRequestError,
@@ -100,6 +102,8 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
         version="0.1.0",
         summary="Runs untrusted Python and Node.js code in fresh, isolated sandboxes.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by install_docs, not from a CDN
+        redoc_url=None,
         max_body_size=settings.max_body_size,  # 413 above it, chunked or not
     )
     app.state.settings = settings
@@ -115,6 +119,7 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
         log.info("API keys on: %d key(s)%s", len(keys.names()),
                  ", /run open without a key" if settings.run_without_key else "")
     app.add_middleware(HTTPMetrics, metrics=metrics)  # it sees every answer served here, 401s too
+    app.add_middleware(RequestID)  # every line logged for a request served here carries its id
     engine.metrics.read_sessions(_session_count(manager))
     # outermost: a call for another replica's session goes there before anything here
     app.add_middleware(ReplicaForwarder, **forwarder_options(settings))
@@ -122,6 +127,7 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
     for module in (ops_routes, ragflow_routes, execute_routes, sessions_routes):
         app.include_router(module.router)
     app.router.add_route(MCP_PATH, mcp_http.asgi, include_in_schema=False)
+    install_docs(app)
     return app
 
 

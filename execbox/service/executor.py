@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -50,6 +51,8 @@ __all__ = ["Executor", "busy_result", "check_environments"]
 
 log = logging.getLogger("execbox.executor")
 executions_log = logging.getLogger("execbox.executions")
+#: a line of a blocked request's stderr: ``Line N: <finding> [<rule>]`` (policy.findings.Finding)
+_FINDING_LINE = re.compile(r"^Line (\d+): .*?(?: \[([\w-]+)\])?$", re.MULTILINE)
 
 
 def check_environments(settings: Settings, languages: tuple[Language, ...] | None = None) -> list[str]:
@@ -323,7 +326,7 @@ class Executor:
         self.metrics.observe_execution(
             request.language.value, result.backend or self.backend_name, result.status.value, time.perf_counter() - started
         )
-        record = {
+        record: dict[str, Any] = {
             "language": request.language.value,
             "status": result.status.value,
             "exit_code": result.exit_code,
@@ -339,7 +342,14 @@ class Executor:
         }
         if session_id is not None:
             record["session"] = session_id
-        executions_log.info("execution %s", json.dumps(record))
+        if result.exit_code == EXIT_UNSAFE and result.detail == "Code is unsafe":
+            # which rule refused which line (from check_code's own stderr); never the code, nor the
+            # finding's text (it quotes the code)
+            record["code_check"] = [
+                {"line": int(line), "rule": rule or "unnamed"} for line, rule in _FINDING_LINE.findall(result.stderr)
+            ]
+        # as text, the fields follow the word; a JSON log renders them as keys (execbox.api.logs)
+        executions_log.info("execution %s", json.dumps(record), extra={"execution": record, "summary": "execution"})
 
 
 def _run_in_sandbox(

@@ -271,10 +271,20 @@ def test_one_log_line_per_execution_without_code_or_output(client: httpx.Client,
     assert body["status"] == "success"
     log = service.log()
     assert marker not in log, "the service logged the code or its output at info level"
-    lines = re.finditer(r"execbox\.executions execution (\{.*\})$", log, re.MULTILINE)
-    records = [json.loads(m.group(1)) for m in lines]
+    lines = [json.loads(line) for line in log.splitlines()]  # every line is one JSON object
+    records = [line["execution"] for line in lines if line["logger"] == "execbox.executions"]
     assert records, "no structured execution line in the log"
     assert {"language", "status", "exit_code", "time_used_ms"} <= set(records[-1])
+
+
+def test_every_log_line_is_json_and_carries_its_request_id(client: httpx.Client, service: Any) -> None:
+    request_id = f"t-{uuid.uuid4().hex}"
+    response = client.post("/run", json=run_body("def main():\n    return 1\n"), headers={"X-Request-ID": request_id})
+    assert response.headers["x-request-id"] == request_id
+    lines = [json.loads(line) for line in service.log().splitlines()]
+    assert {"uvicorn.error", "execbox.api"} <= {line["logger"] for line in lines}  # uvicorn's own lines too
+    mine = [line for line in lines if line.get("request_id") == request_id]
+    assert [line["logger"] for line in mine] == ["execbox.executions"], mine
 
 
 def test_backend_in_use_is_the_one_under_test(client: httpx.Client) -> None:

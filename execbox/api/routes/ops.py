@@ -34,13 +34,17 @@ async def _health(executor: ExecutorDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if serving else 503)
 
 
-router.get("/", summary="Health (RAGFlow)")(_health)
-router.get("/healthz", summary="Readiness: ok once code can run")(_health)
-
-
-@router.get("/livez", summary="Liveness: the process answers (whatever the pools do)")
-async def livez() -> dict[str, str]:
+async def _live() -> dict[str, str]:
     return {"status": "ok"}
+
+
+for _path, _endpoint, _summary in (
+    ("/", _health, "Health (RAGFlow)"),
+    ("/healthz", _health, "Readiness: ok once code can run"),
+    ("/livez", _live, "Liveness: the process answers (whatever the pools do)"),
+):
+    router.get(_path, summary=_summary, description="`HEAD` answers the same status, without a body.")(_endpoint)
+    router.head(_path, include_in_schema=False)(_endpoint)  # the same status; Starlette sends no body
 
 
 @router.get("/v1/info", summary="Backend, runtimes, limits and pool state")

@@ -17,6 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from execbox.api.app import create_app
+from execbox.errors import SandboxStartError
+from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.unisolated import UnisolatedTestBackend
 from execbox.service.executor import Executor
 from execbox.settings import Settings
@@ -68,3 +70,23 @@ def contract(make_client: Callable[..., TestClient]) -> TestClient:
 def node() -> None:
     if shutil.which("node") is None and not Path("/usr/bin/node").exists():
         pytest.skip("node is not installed: the Node.js tests need it (apt-get install nodejs)")
+
+
+class BrokenBackend(IsolationBackend):
+    """Builds no sandbox: every create fails (a pool that cannot fill, or one of size 0)."""
+
+    name = "broken-test-backend"
+
+    def check(self) -> None:
+        pass
+
+    def create(self, spec: SandboxSpec) -> Sandbox:
+        raise SandboxStartError("this test backend builds no sandbox")
+
+    def reap(self) -> int:
+        return 0
+
+
+@pytest.fixture()
+def broken_backend() -> IsolationBackend:
+    return BrokenBackend()

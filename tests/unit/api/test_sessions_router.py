@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from execbox.api.app import create_app
 from execbox.errors import BadRequestError, LimitExceededError, NotFoundError
-from execbox.isolation.base import OutputSink
+from execbox.isolation.base import IsolationBackend, OutputSink
 from execbox.models import (
     CellRequest,
     ExecutionResult,
@@ -112,39 +112,18 @@ def fake() -> FakeSessions:
 
 
 @pytest.fixture()
-def client(fake: FakeSessions, tmp_path: Path) -> Iterator[TestClient]:
+def client(fake: FakeSessions, tmp_path: Path, broken_backend: IsolationBackend) -> Iterator[TestClient]:
     for runtime in ("python", "nodejs"):
         (tmp_path / "runtimes" / runtime).mkdir(parents=True)
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.upper().startswith("SANDBOX_")}
     try:
         settings = Settings.load(env_file=None, state_dir=tmp_path, max_code_size="64k", max_body_size="1m")
-        executor = Executor(settings, backend=_NoBackend(), pool_size=0)
+        executor = Executor(settings, backend=broken_backend, pool_size=0)  # no sandbox is built
         with TestClient(create_app(settings, executor, sessions=fake)) as http:  # type: ignore[arg-type]
             yield http
     finally:
         os.environ.update(saved)
     assert fake.started and fake.closed
-
-
-class _NoBackend:
-    """A backend that is never asked to build a sandbox (pools of size 0)."""
-
-    name = "none"
-
-    def check(self) -> None:
-        pass
-
-    def reap(self) -> int:
-        return 0
-
-    def describe(self) -> dict[str, Any]:
-        return {}
-
-    def create(self, spec: Any) -> Any:
-        raise AssertionError("a session router test built a sandbox")
-
-    def close(self) -> None:
-        pass
 
 
 def _iso(value: str) -> datetime:
