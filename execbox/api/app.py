@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -51,24 +51,11 @@ __all__ = ["create_app"]
 log = logging.getLogger("execbox.api")
 
 
-def _session_manager(settings: Settings, executor: Executor) -> SessionManager | None:
-    try:
-        return SessionManager(settings, executor)  # type: ignore[call-arg]
-    except TypeError:  # the placeholder of execbox.service.sessions, until the manager lands
-        return None
-
-
-def _session_count(manager: SessionManager | None) -> Callable[[], int] | None:
-    """How many sessions are live, from the manager's ``count()`` (None if it has none)."""
-    count = getattr(manager, "count", None)
-    return count if callable(count) else None
-
-
 def create_app(settings: Settings, executor: Executor | None = None, sessions: SessionManager | None = None) -> FastAPI:
     """The ASGI app; it starts (and on shutdown closes) its Executor, SessionManager and
     Quotas in its lifespan. ConfigurationError for a malformed keys setting or file."""
     engine = executor or Executor(settings)
-    manager = sessions if sessions is not None else _session_manager(settings, engine)
+    manager = sessions if sessions is not None else SessionManager(settings, engine)
     keys = KeyStore.from_settings(settings)
     quotas = Quotas.from_settings(settings)
     # /mcp, over the same executor and quotas; its sessions belong to the key KeyAuth let the call in with
@@ -80,8 +67,7 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
         for warning in engine.warnings:
             log.warning("%s", warning)
         await quotas.start()
-        if (start := getattr(manager, "start", None)) is not None:
-            await start()
+        await manager.start()
         log.info("execbox serving with the %s backend", engine.backend_name)
         try:
             async with mcp_http.lifespan():
@@ -89,8 +75,7 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
         finally:
             log.info("execbox shutting down: destroying every sandbox")
             try:
-                if (close := getattr(manager, "close", None)) is not None:
-                    await close()
+                await manager.close()
             finally:
                 try:
                     await engine.close()
@@ -120,7 +105,7 @@ def create_app(settings: Settings, executor: Executor | None = None, sessions: S
                  ", /run open without a key" if settings.run_without_key else "")
     app.add_middleware(HTTPMetrics, metrics=metrics)  # it sees every answer served here, 401s too
     app.add_middleware(RequestID)  # every line logged for a request served here carries its id
-    engine.metrics.read_sessions(_session_count(manager))
+    engine.metrics.read_sessions(manager.count)
     # outermost: a call for another replica's session goes there before anything here
     app.add_middleware(ReplicaForwarder, **forwarder_options(settings))
     _add_error_handlers(app)

@@ -137,9 +137,7 @@ def get_executor(request: Request) -> Executor:
 
 
 def get_sessions(request: Request) -> SessionManager:
-    sessions: SessionManager | None = request.app.state.sessions
-    if sessions is None:
-        raise HTTPException(501, "sessions are not available in this build")
+    sessions: SessionManager = request.app.state.sessions
     return sessions
 
 

@@ -51,6 +51,9 @@ class FakeSessions:
     async def close(self) -> None:
         self.closed = True
 
+    def count(self) -> int:
+        return len(self.sessions)
+
     def _get(self, session_id: str, owner: str | None) -> SessionInfo:
         info = self.sessions.get(session_id)
         if info is None or info.owner != owner:
@@ -263,6 +266,20 @@ def test_an_upload_over_the_body_cap_is_413(client: TestClient, fake: FakeSessio
     response = client.put(f"/v1/sessions/{session}/files/big.bin", content=b"x" * ((1 << 20) + 1))
     assert response.status_code == 413
     assert fake.files == {}
+
+
+def test_live_sessions_are_a_metric(client: TestClient) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def live() -> float:
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        return float(families["execbox_sessions_live"].samples[0].value)
+
+    assert live() == 0
+    session = client.post("/v1/sessions", json={}).json()["id"]
+    assert live() == 1
+    client.delete(f"/v1/sessions/{session}")
+    assert live() == 0
 
 
 def test_openapi_documents_the_session_endpoints(client: TestClient) -> None:
