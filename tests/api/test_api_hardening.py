@@ -45,7 +45,9 @@ def hardened(request: pytest.FixtureRequest, make_service: Any) -> Iterator[Serv
     service = make_service(
         f"hardening-{backend}",
         {"SANDBOX_BACKEND": backend, "SANDBOX_BODY_TIMEOUT": f"{BODY_TIMEOUT_S:g}s", "SANDBOX_EXECUTOR_MANAGER_POOL_SIZE": "1",
-         "SANDBOX_CODE_CHECK": "off"},  # the programs use open() and fs on purpose
+         "SANDBOX_CODE_CHECK": "off",  # the programs use open() and fs on purpose
+         # a cap reached in far less than the body timeout, so a huge body is a 413, never a 408
+         "SANDBOX_MAX_BODY_SIZE": "2m"},
     )
     yield service
     service.cleanup()

@@ -90,7 +90,9 @@ def client() -> Iterator[TestClient]:
     state = Path(tempfile.mkdtemp(prefix="execbox-inprocess-"))
     for runtime in ("python", "nodejs"):
         (state / "runtimes" / runtime).mkdir(parents=True)
-    settings = Settings.load(env_file=None, code_check="off", state_dir=state, body_timeout="2s", max_code_size="64k")
+    settings = Settings.load(
+        env_file=None, code_check="off", state_dir=state, body_timeout="2s", max_code_size="64k", max_body_size="1m"
+    )
     executor = Executor(settings, backend=ScriptedBackend(), pool_size=1)
     try:
         with TestClient(create_app(settings, executor)) as http:
