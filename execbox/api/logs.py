@@ -63,7 +63,6 @@ class JSONLogFormatter(JsonFormatter):
         summary = log_data.pop("summary", None)
         if isinstance(summary, str):
             log_data["message"] = summary
-        log_data["level"] = str(log_data.get("level", "")).lower()
         rest = {key: log_data.pop(key) for key in list(log_data) if key not in _FIRST}
         ordered = {key: log_data.pop(key) for key in _FIRST if key in log_data}
         log_data.update(ordered)

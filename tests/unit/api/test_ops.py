@@ -143,7 +143,7 @@ def test_the_execution_line_carries_the_request_id_and_no_code_or_output(
     executions = [line for line in lines if line["logger"] == "execbox.executions"]
     assert len(executions) == 1, lines
     line = executions[0]
-    assert line["message"] == "execution" and line["request_id"] == request_id and line["level"] == "info"
+    assert line["message"] == "execution" and line["request_id"] == request_id and line["level"] == "INFO"
     assert line["execution"]["status"] == "success" and line["execution"]["language"] == "python"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00", line["time"])
     assert marker not in json.dumps(lines)
