@@ -92,6 +92,7 @@ class Executor:
         self.metrics = metrics or ServiceMetrics()
         self.metrics.read_pools(self.pool_stats)
         self.metrics.read_build(self._build_info)
+        self.metrics.read_packages(lambda: self.packages.stats())
         self.backend = backend
         self.warnings: list[str] = []
         self._languages = settings.served_languages if languages is None else languages

@@ -72,6 +72,10 @@ class ServiceMetrics:
         """Read the number of live sessions from ``count`` at every scrape (None: no such series)."""
         self._state.sessions = count
 
+    def read_packages(self, stats: Callable[[], dict[str, int]]) -> None:
+        """The package cache's counters and size (see service/packages.py), read at every scrape."""
+        self._state.packages = stats
+
     def read_build(self, info: Callable[[], dict[str, str]]) -> None:
         """The labels of ``execbox_build_info`` (version, runsc_version), read at every scrape."""
         self._state.build = info
@@ -84,6 +88,7 @@ class _StateCollector(Collector):
         self.pool_stats: Callable[[], list[PoolStats]] = list
         self.sessions: Callable[[], int] | None = None
         self.build: Callable[[], dict[str, str]] = dict
+        self.packages: Callable[[], dict[str, int]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         stats = self.pool_stats()
@@ -111,5 +116,23 @@ class _StateCollector(Collector):
             yield counter
         if self.sessions is not None:
             yield GaugeMetricFamily("execbox_sessions_live", "Sessions alive now", value=self.sessions())
+        if self.packages is not None:
+            yield from _package_metrics(self.packages())
         info: dict[str, Any] = self.build()
         yield InfoMetricFamily("execbox_build", "The version of execbox and of runsc (gVisor)", value=info)
+
+
+def _package_metrics(stats: dict[str, int]) -> Iterator[Metric]:
+    """Packages per request: how requests for package sets were served, and the cache's size."""
+    served = CounterMetricFamily(
+        "execbox_package_sets", "Requests for a package set, by outcome (hit: cached; install: built now; "
+        "refused: not allowed or not installable; failure: the installer failed)", labels=["outcome"],
+    )
+    for outcome, field in (("hit", "hits"), ("install", "installs"), ("refused", "refused"), ("failure", "failures")):
+        served.add_metric([outcome], stats.get(field, 0))
+    yield served
+    yield CounterMetricFamily("execbox_package_layers_evicted", "Cached package layers removed by the LRU",
+                              value=stats.get("evictions", 0))
+    yield GaugeMetricFamily("execbox_package_layers", "Cached package layers", value=stats.get("layers", 0))
+    yield GaugeMetricFamily("execbox_package_cache_bytes", "Bytes of the cached package layers",
+                            value=stats.get("size_bytes", 0))

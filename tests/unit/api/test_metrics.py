@@ -122,3 +122,21 @@ def test_a_rate_limited_request_leaves_a_trace(make_client: Callable[..., TestCl
     families = scrape(limited)
     assert value(families, "execbox_http_requests_total", method="POST", route="/v1/execute", status="429") == 1
     assert value(families, "execbox_quota_refusals_total", key="", quota="address_rate") == 2
+
+
+def test_the_package_cache_is_in_the_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from execbox.service.metrics import ServiceMetrics
+
+    registry = CollectorRegistry()
+    metrics = ServiceMetrics(registry)
+    stats = {"hits": 3, "installs": 1, "refused": 2, "failures": 0, "evictions": 1, "layers": 4, "size_bytes": 1234}
+    metrics.read_packages(lambda: stats)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    served = {s.labels["outcome"]: s.value for s in families["execbox_package_sets"].samples if s.name.endswith("_total")}
+    assert served == {"hit": 3.0, "install": 1.0, "refused": 2.0, "failure": 0.0}
+    assert families["execbox_package_layers"].samples[0].value == 4
+    assert families["execbox_package_cache_bytes"].samples[0].value == 1234
+    assert families["execbox_package_layers_evicted"].samples[0].value == 1
