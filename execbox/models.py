@@ -108,6 +108,9 @@ class ExecutionRequest(_Frozen):
     #: requirements installed for this execution only ("tabulate==0.9.0", "is-number@7.0.0"),
     #: within SANDBOX_PACKAGES (see docs/packages.md); () runs in a warm pool sandbox
     packages: tuple[str, ...] = ()
+    #: egress patterns for this execution, each covered by the server's (SANDBOX_EGRESS_ALLOW);
+    #: None: the server's list; (): no network
+    egress: tuple[str, ...] | None = None
 
 
 class Artifact(_Frozen):

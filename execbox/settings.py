@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from execbox.egress_rules import EgressRule, RuleKind, parse_rules
 from execbox.errors import ConfigurationError
 from execbox.models import Language, Limits
 
@@ -134,12 +135,14 @@ SIZE_RANGES: dict[str, tuple[int, int]] = {
     "max_code_size": (1 * _K, 32 * _M),
     "max_body_size": (64 * _K, 1 * _G),
     "packages_cache_size": (16 * _M, 1 << 40),
+    "egress_max_bytes": (1 * _K, 1 << 40),
 }
 DURATION_RANGES_S: dict[str, tuple[float, float]] = {
     "timeout": (0.01, 86400.0),
     "pool_wait": (0.001, 3600.0),
     "body_timeout": (0.1, 3600.0),
     "packages_install_timeout": (1.0, 3600.0),
+    "egress_max_connection_time": (0.1, 86400.0),
 }
 #: settings whose value is a secret: never in an error message, a log line or an answer
 SECRET_SETTINGS = frozenset({"api_keys", "redis_url"})
@@ -208,7 +211,21 @@ class Settings(BaseSettings):
     body_timeout: Duration = Field(
         30.0, description="a request body must arrive in full within this time (HTTP 408 and the connection closed)"
     )
-    enable_network: bool = Field(False, description="give sandboxes the host's network (unsafe)")
+    enable_network: bool = Field(
+        False, description="same as SANDBOX_EGRESS_ALLOW=* (any public address, through the egress proxy)"
+    )
+    egress_allow: str = Field(
+        "",
+        description="destinations sandboxes may reach through the egress proxy: comma-separated api.github.com, "
+        "*.pypi.org, host:port, IP or CIDR; empty = no network; see docs/egress.md",
+    )
+    egress_max_connections: int = Field(
+        64, ge=1, le=100000, description="connections one execution may open through the egress proxy"
+    )
+    egress_max_bytes: Size = Field(64 << 20, description="bytes (both directions) one execution may move through the egress proxy")
+    egress_max_connection_time: Duration = Field(
+        60.0, description="longest life of one connection through the egress proxy"
+    )
     state_dir: Path = Field(Path("/var/lib/execbox"), description="runtime environments and sandbox state")
     uid_base: int = Field(60001, ge=1000, description="first uid/gid of sandboxes (one per live sandbox)")
     uid_count: int = Field(1000, ge=16, description="size of the sandbox uid range")
@@ -302,10 +319,12 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("rate_limit", "replica_peers", "key_rate")
+    @field_validator("rate_limit", "replica_peers", "key_rate", "egress_allow")
     @classmethod
     def _check_parses(cls, value: str, info: Any) -> str:
-        {"rate_limit": parse_rate, "key_rate": parse_rate, "replica_peers": parse_replica_peers}[info.field_name](value)
+        parsers = {"rate_limit": parse_rate, "key_rate": parse_rate, "replica_peers": parse_replica_peers,
+                   "egress_allow": parse_rules}  # fmt: skip
+        parsers[info.field_name](value)
         return value
 
     @field_validator("languages")
@@ -418,6 +437,14 @@ class Settings(BaseSettings):
     @property
     def preload_modules(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.python_preload.split(",") if m.strip())
+
+    @property
+    def egress_rules(self) -> tuple[EgressRule, ...]:
+        """SANDBOX_EGRESS_ALLOW, plus ``*`` with SANDBOX_ENABLE_NETWORK; empty: no network."""
+        rules = parse_rules(self.egress_allow)
+        if self.enable_network and not any(r.kind is RuleKind.ANY and r.port is None for r in rules):
+            rules = (*rules, parse_rules("*")[0])
+        return rules
 
     def default_limits(self) -> Limits:
         return Limits(

@@ -17,7 +17,16 @@ from typing import Any, ClassVar
 from execbox.models import ExecutionRequest, Limits
 from execbox.runtimes import Runtime
 
-__all__ = ["DriverReport", "IsolationBackend", "Mount", "OutputSink", "RunOutcome", "Sandbox", "SandboxSpec"]
+__all__ = [
+    "DriverReport",
+    "EgressPorts",
+    "IsolationBackend",
+    "Mount",
+    "OutputSink",
+    "RunOutcome",
+    "Sandbox",
+    "SandboxSpec",
+]
 
 #: receives ("stdout" | "stderr", bytes) as the program prints
 OutputSink = Callable[[str, bytes], None]
@@ -30,6 +39,23 @@ class Mount:
     source: Path
     target: str
     writable: bool = False
+
+
+class EgressPorts(abc.ABC):
+    """The host side of egress (the service's proxy): one listening UNIX socket per sandbox.
+
+    A backend opens a port for each sandbox it builds (with gVisor's two walls: for each
+    long-lived gVisor sandbox, whose executions use it one at a time), shows the directory
+    read-only at ``EGRESS_DIR`` inside and closes it when the sandbox is gone. The sandbox's
+    ``egress_key`` says which port its connections arrive on."""
+
+    @abc.abstractmethod
+    def open(self, key: str) -> Path:
+        """A fresh host directory holding only a listening socket ``EGRESS_SOCKET_NAME`` for ``key``."""
+
+    @abc.abstractmethod
+    def close(self, key: str) -> None:
+        """Stop listening for ``key``, end its connections, remove its directory; idempotent."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +73,9 @@ class SandboxSpec:
     tmp_bytes: int
     output_bytes: int
     uid: int = 65534
-    network: bool = False
+    #: None: no network at all; else each sandbox gets a port of this proxy (see EgressPorts),
+    #: a loopback interface and the AF_INET/AF_INET6 sockets to reach it
+    egress: EgressPorts | None = None
     #: the built-in syscall filter (namespaces backend) is always on; this is the Docker-format profile
     seccomp_profile: Path | None = None
     open_files_max: int = 256
@@ -105,6 +133,11 @@ class Sandbox(abc.ABC):
     def __init__(self, spec: SandboxSpec, sandbox_id: str) -> None:
         self.spec = spec
         self.id = sandbox_id
+
+    @property
+    def egress_key(self) -> str | None:
+        """The EgressPorts key its connections arrive on (None: it has no egress)."""
+        return self.id if self.spec.egress is not None else None
 
     @abc.abstractmethod
     def run(self, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None = None) -> RunOutcome:

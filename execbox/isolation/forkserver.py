@@ -60,7 +60,7 @@ class ForkServer:
         plan: Sequence[PlanStep],
         seccomp_bpf: bytes,
         env: Mapping[str, str],
-        network: bool,
+        loopback: bool,
         preload: str,
         driver: str | None,
         exec_argv: Sequence[str] | None = None,
@@ -77,7 +77,7 @@ class ForkServer:
             "plan": [list(step) for step in plan],
             "filter": base64.b64encode(seccomp_bpf).decode(),
             "env": dict(env),
-            "network": network,
+            "loopback": loopback,
             "preload": preload,
             "driver": driver,
             "exec": list(exec_argv) if exec_argv else None,
@@ -190,12 +190,21 @@ class ForkServer:
                 self._replies.pop(key, None)
 
     def spawn(
-        self, sandbox_id: str, uid: int, cgroup_procs: list[str], rlimits: dict[str, int], fds: Sequence[int] = ()
+        self,
+        sandbox_id: str,
+        uid: int,
+        cgroup_procs: list[str],
+        rlimits: dict[str, int],
+        fds: Sequence[int] = (),
+        plan: Sequence[PlanStep] = (),
     ) -> tuple[int, int]:
         """One isolated sandbox: returns the pids (in the zygote's namespace) of its driver
         (which says ready on its events channel; ``wait_exit`` gives its status) and of its
-        init (pid 1 of its namespaces)."""
+        init (pid 1 of its namespaces). ``plan``: mount steps of this sandbox only (after
+        the spec's)."""
         request = {"op": "spawn", "id": sandbox_id, "uid": uid, "cgroups": cgroup_procs, "rlimits": rlimits}
+        if plan:
+            request["plan"] = [list(step) for step in plan]
         try:
             reply = self._ask(request, fds)
         except SandboxError as exc:

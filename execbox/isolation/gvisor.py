@@ -151,7 +151,7 @@ class GVisorBackend(IsolationBackend):
         self._cgroups = cgroups or CgroupManager(parent=f"{_CGROUP_PARENT}-{digest}")
         self._seccomp: dict[Path, dict[str, Any]] = {}
         self._layout: tuple[Path, list[SystemBind]] | None = None
-        self._filter: bytes | None = None
+        self._filters: dict[bool, bytes] = {}
         self._free: dict[int, list[GVisorHost]] = {}
         self._hosts: set[GVisorHost] = set()
         self._idle_timer: threading.Timer | None = None
@@ -319,8 +319,6 @@ class GVisorBackend(IsolationBackend):
             raise SandboxStartError(
                 f"the {spec.runtime.name} runtime environment {spec.runtime_env_dir} is missing; run `execbox build`"
             )
-        if spec.network:
-            raise SandboxStartError("the gvisor backend runs sandboxes with --network=none; it offers no network")
         if self.mode == "two-walls" and not spec.dedicated:  # a session's sandbox has a gVisor sandbox of its own
             return self._create_inner(spec)
         return self._create_single(spec)
@@ -356,15 +354,17 @@ class GVisorBackend(IsolationBackend):
             rootfs, _ = self._layout_paths()
             with self._lock:
                 make_mount_points(rootfs, spec)
-                if self._filter is None:
-                    fd = build_filter_fd(False)
+                inet = spec.egress is not None
+                if inet not in self._filters:
+                    fd = build_filter_fd(inet)
                     try:
-                        self._filter = os.read(fd, 1 << 20)
+                        self._filters[inet] = os.read(fd, 1 << 20)
                     finally:
                         os.close(fd)
             _, etc_binds = self._layout
             etc = next(b.source for b in etc_binds if b.target == "/etc")
-            host = GVisorHost(self._host_layout(), spec, mount_plan(spec, etc, RUNTIME_MOUNT), self._filter)
+            bpf = self._filters[inet]
+            host = GVisorHost(self._host_layout(), spec, mount_plan(spec, etc, RUNTIME_MOUNT), bpf)
             host.start()
             with self._lock:
                 self._hosts.add(host)

@@ -9,6 +9,11 @@ size-capped tmpfs workspace, /tmp and /dev/shm, a per-execution uid, no capabili
 no_new_privs, the built-in seccomp filter and rlimits; the Python driver is already
 imported (with the preloaded modules), Node's driver is already started.
 
+Egress (``spec.egress``): each gVisor sandbox gets its own proxy socket, its directory
+bound at ``EGRESS_DIR`` and bound again into every inner sandbox; runsc runs with
+``--host-uds=open``, which lets the sentry connect to that host socket (it creates none).
+Its executions use it one at a time, so the proxy knows whose connection it is.
+
 Channels: runsc passes host fds into the sandbox (``--pass-fd``): the zygote's socket
 (fd 3) and the four channels of *the* execution being served (control, events, stdout,
 stderr at fds 4-7), which every inner sandbox of this host uses in turn. That is safe
@@ -52,7 +57,7 @@ from execbox.isolation.hostproc import close_all, kill_pidfd, kill_process, moun
 from execbox.isolation.oci import EXPORT_DIR, ZYGOTE_DIR, build_host_config
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
-from execbox.isolation.rootfs import PlanStep, guest_plan
+from execbox.isolation.rootfs import PlanStep, egress_step, guest_plan
 from execbox.isolation.supervise import SupervisedSandbox, wait_ready
 from execbox.models import Limits
 from execbox.runtimes import DRIVER_MOUNT, RUNTIME_MOUNT, SYSTEM_PYTHON
@@ -134,6 +139,9 @@ class GVisorHost:
             fds["stdout"], fds["stdout_w"] = os.pipe()
             fds["stderr"], fds["stderr_w"] = os.pipe()
             fds["exited"], fds["exited_w"] = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            if spec.egress is not None:
+                self._plan.append(egress_step(spec.egress.open(self.id)))
+                stack.callback(spec.egress.close, self.id)
             runtime = spec.runtime
             interpreter = f"{RUNTIME_MOUNT}/bin/python3" if runtime.driver_in_process else SYSTEM_PYTHON
             env = {**spec.env, "EXECBOX_ZYGOTE_FD": str(_GUEST_SOCKET_FD)}
@@ -151,7 +159,7 @@ class GVisorHost:
                 plan=guest_plan(self._plan),
                 seccomp_bpf=self._bpf,
                 env=spec.env,
-                network=False,
+                loopback=spec.egress is not None,
                 preload=",".join(spec.preload_modules),
                 driver=f"{DRIVER_MOUNT}/{runtime.driver_path.name}" if runtime.driver_in_process else None,
                 exec_argv=None if runtime.driver_in_process else runtime.argv(),
@@ -190,6 +198,7 @@ class GVisorHost:
         passed = [sock_fd, fds["control_r"], fds["events_w"], fds["stdout_w"], fds["stderr_w"]]
         guest = (_GUEST_SOCKET_FD, *_GUEST_CHANNEL_FDS)
         argv = self._layout.runsc_argv(
+            *(["--host-uds=open"] if self.spec.egress is not None else []),
             f"--log={self._bundle / 'runsc.log'}", "run", "--bundle", str(self._bundle),
             "--pid-file", str(self._bundle / "sandbox.pid"),
             *(f"--pass-fd={h}:{g}" for h, g in zip(passed, guest, strict=True)), self.id,
@@ -335,6 +344,11 @@ class GVisorExecution(SupervisedSandbox):
         self.run_done = False
         self.on_run_done: Callable[[GVisorExecution], None] | None = None
         self.on_destroyed: Callable[[GVisorExecution], None] | None = None
+
+    @property
+    def egress_key(self) -> str | None:
+        """The gVisor sandbox's proxy port, used by its executions one at a time."""
+        return self.host.id if self.spec.egress is not None else None
 
     def _kill(self) -> None:
         if not self.host.kill_inner(self):

@@ -10,6 +10,7 @@ at the workspace; the host reads artifacts from that tmpfs directly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from execbox.errors import SandboxError, SandboxStartError
-from execbox.isolation.base import SandboxSpec
+from execbox.isolation.base import Mount, SandboxSpec
 from execbox.isolation.cgroups import Cgroup
 from execbox.isolation.gvisor_host import SENTRY_MEMORY_BYTES, HostLayout
 from execbox.isolation.hostproc import (
@@ -35,6 +36,7 @@ from execbox.isolation.oci import SystemBind, build_config
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
 from execbox.isolation.supervise import SupervisedSandbox, wait_ready
+from execbox.runtimes import EGRESS_DIR
 
 __all__ = ["GVisorSandbox", "start_single_use"]
 
@@ -133,8 +135,13 @@ def start_single_use(
         mount_tmpfs(workspace, spec.workspace_bytes, uid)
         cgroup = layout.cgroups.create(sandbox_id, memory_limit_bytes, layout.pids_backstop, spec.cpus)
         stack.callback(cgroup.remove)
+        bundled = spec
+        if spec.egress is not None:  # its own proxy socket (see EgressPorts), reached with --host-uds=open
+            bundled = dataclasses.replace(spec, mounts=(*spec.mounts, Mount(spec.egress.open(sandbox_id), EGRESS_DIR)))
+            stack.callback(spec.egress.close, sandbox_id)
+            runsc_flags = ["--host-uds=open", *runsc_flags]
         config = build_config(
-            spec, uid=uid, rootfs=layout.rootfs, system_binds=binds, workspace_dir=workspace,
+            bundled, uid=uid, rootfs=layout.rootfs, system_binds=binds, workspace_dir=workspace,
             cgroups_path=f"/{layout.cgroups.parent}/{sandbox_id}", memory_limit_bytes=memory_limit_bytes,
             pids_limit=layout.pids_backstop, seccomp=seccomp,
         )  # fmt: skip

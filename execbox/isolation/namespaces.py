@@ -36,7 +36,7 @@ from execbox.isolation.hostproc import (
 )
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
-from execbox.isolation.rootfs import mount_plan, publish_etc
+from execbox.isolation.rootfs import PlanStep, egress_step, mount_plan, publish_etc
 from execbox.isolation.seccomp import build_filter_fd
 from execbox.isolation.supervise import SupervisedSandbox, wait_ready
 from execbox.runtimes import (
@@ -176,7 +176,7 @@ class NamespacesBackend(IsolationBackend):
             if not Path(tool).exists():
                 raise BackendUnavailableError(f"{tool} is missing: apt-get install util-linux")
         self._cgroups.check()
-        self._filter(network=False)
+        self._filter(inet=False)
         try:
             probe = subprocess.run(
                 [_BWRAP, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
@@ -194,22 +194,22 @@ class NamespacesBackend(IsolationBackend):
                 "sysctl -w user.max_user_namespaces=15000"
             )
 
-    def _filter(self, network: bool) -> bytes:
+    def _filter(self, inet: bool) -> bytes:
         with self._lock:
-            if network not in self._filters:
-                fd = build_filter_fd(network)
+            if inet not in self._filters:
+                fd = build_filter_fd(inet)
                 try:
-                    self._filters[network] = os.read(fd, 1 << 20)
+                    self._filters[inet] = os.read(fd, 1 << 20)
                 finally:
                     os.close(fd)
-            return self._filters[network]
+            return self._filters[inet]
 
     def _etc(self) -> Path:
         return publish_etc(self._state_dir, *self._uid_range)
 
     # -- sandboxes -------------------------------------------------------------------
 
-    def _bwrap_argv(self, spec: SandboxSpec, fds: dict[str, int], uid: int) -> list[str]:
+    def _bwrap_argv(self, spec: SandboxSpec, fds: dict[str, int], uid: int, extra: list[PlanStep]) -> list[str]:
         # setpriv(1) drops to the sandbox uid (so the service can vfork: no Popen(user=...)),
         # then prlimit(1) sets the rlimits that bwrap and the program inherit
         argv = [
@@ -227,10 +227,9 @@ class NamespacesBackend(IsolationBackend):
             _NICE,
             f"--adjustment={spec.warm_nice}",
         ]
+        # (bwrap brings up the loopback interface of the network namespace it unshares)
         argv += [_BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
-        if spec.network:
-            argv.append("--share-net")
-        for op, a, b in mount_plan(spec, self._etc(), RUNTIME_MOUNT):
+        for op, a, b in [*mount_plan(spec, self._etc(), RUNTIME_MOUNT), *extra]:
             if op == "tmpfs":
                 argv += ["--size", b, "--tmpfs", a]
             elif op in ("proc", "dev"):
@@ -288,9 +287,9 @@ class NamespacesBackend(IsolationBackend):
                 launch,
                 root_dir=str(root),
                 plan=mount_plan(spec, self._etc(), target),
-                seccomp_bpf=self._filter(spec.network),
+                seccomp_bpf=self._filter(spec.egress is not None),
                 env=env,
-                network=spec.network,
+                loopback=spec.egress is not None,
                 preload=",".join(spec.preload_modules),
                 driver=str(runtime.driver_path) if runtime.driver_in_process else None,
                 exec_argv=None if runtime.driver_in_process else runtime.argv(),
@@ -300,8 +299,11 @@ class NamespacesBackend(IsolationBackend):
             self._forkservers[key] = server
             return server
 
-    def _allocate(self, stack: contextlib.ExitStack, spec: SandboxSpec) -> tuple[str, int, Cgroup, dict[str, int]]:
-        """A sandbox's name, uid, cgroup and channel pipes, each undone by ``stack``.
+    def _allocate(
+        self, stack: contextlib.ExitStack, spec: SandboxSpec
+    ) -> tuple[str, int, Cgroup, dict[str, int], list[PlanStep]]:
+        """A sandbox's name, uid, cgroup, channel pipes and its own mount steps (its egress
+        socket), each undone by ``stack``.
 
         fds: host ends ``control`` (host -> driver), ``events`` (driver -> host), ``stdout``,
         ``stderr``; the sandbox's ends ``control_r``, ``events_w``, ``stdout_w``, ``stderr_w``.
@@ -317,16 +319,20 @@ class NamespacesBackend(IsolationBackend):
         fds["events"], fds["events_w"] = os.pipe()
         fds["stdout"], fds["stdout_w"] = os.pipe()
         fds["stderr"], fds["stderr_w"] = os.pipe()
-        return sandbox_id, uid, cgroup, fds
+        extra: list[PlanStep] = []
+        if spec.egress is not None:
+            extra.append(egress_step(spec.egress.open(sandbox_id)))
+            stack.callback(spec.egress.close, sandbox_id)
+        return sandbox_id, uid, cgroup, fds, extra
 
     def _create_forked(self, spec: SandboxSpec) -> Sandbox:
         """A sandbox cloned by the fork server: about the cost of a fork."""
         server = self._forkserver(spec)
         with contextlib.ExitStack() as stack:
-            sandbox_id, uid, cgroup, fds = self._allocate(stack, spec)
+            sandbox_id, uid, cgroup, fds, extra = self._allocate(stack, spec)
             rlimits = {"nproc": spec.pids_max, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
             child_ends = [fds["control_r"], fds["events_w"], fds["stdout_w"], fds["stderr_w"]]
-            pid, init_pid = server.spawn(sandbox_id, uid, cgroup.procs_files(), rlimits, child_ends)
+            pid, init_pid = server.spawn(sandbox_id, uid, cgroup.procs_files(), rlimits, child_ends, extra)
             for name in ("control_r", "events_w", "stdout_w", "stderr_w"):
                 os.close(fds.pop(name))
             fds["init_pidfd"] = pidfd = os.pidfd_open(init_pid)  # its death ends the namespaces
@@ -358,13 +364,13 @@ class NamespacesBackend(IsolationBackend):
 
     def _create_bwrap(self, spec: SandboxSpec) -> Sandbox:
         with contextlib.ExitStack() as stack:
-            sandbox_id, uid, cgroup, fds = self._allocate(stack, spec)
+            sandbox_id, uid, cgroup, fds, extra = self._allocate(stack, spec)
             fds["info"], fds["info_w"] = os.pipe()  # bwrap tells the init's pid
             fds["block_r"], fds["block"] = os.pipe()  # bwrap waits until it is in its cgroup
             fds["seccomp"] = os.memfd_create("execbox-seccomp")
-            os.write(fds["seccomp"], self._filter(spec.network))
+            os.write(fds["seccomp"], self._filter(spec.egress is not None))
             os.lseek(fds["seccomp"], 0, os.SEEK_SET)
-            argv = self._bwrap_argv(spec, fds, uid)
+            argv = self._bwrap_argv(spec, fds, uid, extra)
             try:
                 process = subprocess.Popen(
                     argv,

@@ -51,6 +51,7 @@ from execbox.isolation.rootfs import ETC_DIRS_FROM_HOST, PlanStep
 from execbox.runtimes import (
     CONTROL_FD_ENV,
     DRIVER_MOUNT,
+    EGRESS_DIR,
     EVENTS_FD_ENV,
     RUNTIME_MOUNT,
     WORKSPACE,
@@ -240,7 +241,8 @@ def prepare_rootfs(directory: Path, etc: Path) -> tuple[Path, list[SystemBind]]:
             (rootfs / name).symlink_to(os.readlink(host))
         elif host.is_dir() and not host.is_symlink():
             binds.append(SystemBind(host, f"/{name}"))
-    for target in ("usr", "etc", "proc", "dev", "sys", "tmp", WORKSPACE, RUNTIME_MOUNT, DRIVER_MOUNT, ZYGOTE_DIR, EXPORT_DIR):
+    mount_points = ("usr", "etc", "proc", "dev", "sys", "tmp", WORKSPACE, RUNTIME_MOUNT, DRIVER_MOUNT, ZYGOTE_DIR, EXPORT_DIR, EGRESS_DIR)
+    for target in mount_points:
         (rootfs / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
     binds.append(SystemBind(etc, "/etc"))
     binds += [SystemBind(Path("/etc", n), f"/etc/{n}") for n in ETC_DIRS_FROM_HOST if Path("/etc", n).is_dir()]

@@ -20,6 +20,7 @@ from typing import Any
 from execbox.errors import SandboxProtocolError
 from execbox.isolation.base import DriverReport
 from execbox.models import ExecutionRequest
+from execbox.runtimes import EGRESS_DIR, EGRESS_PORT, EGRESS_SOCKET_NAME
 
 __all__ = ["FrameReader", "encode_request", "parse_report"]
 
@@ -39,7 +40,8 @@ _RESULT_TYPES = ("json", "text")
 
 def encode_request(request: ExecutionRequest, token: str | None = None, cell_timeout_s: float | None = None) -> bytes:
     """The one request frame the driver reads on its control channel; with ``token``, the
-    driver must return it in its report (and keeps it out of the user's reach by name).
+    driver must return it in its report (and keeps it out of the user's reach by name);
+    with egress rules, ``egress`` says where the driver's bridge listens and connects.
 
     With ``cell_timeout_s`` the frame is a session cell: the driver runs the code in its
     one persistent interpreter (no ``main``), interrupts it after that many seconds
@@ -51,6 +53,8 @@ def encode_request(request: ExecutionRequest, token: str | None = None, cell_tim
         "files": {name: base64.b64encode(data).decode() for name, data in request.files.items()},
         "env": request.env,
     }
+    if request.egress:  # the driver bridges this loopback port to the proxy's socket
+        message["egress"] = {"port": EGRESS_PORT, "socket": f"{EGRESS_DIR}/{EGRESS_SOCKET_NAME}"}
     if token is not None:
         message["token"] = token
     if cell_timeout_s is not None:

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from execbox.isolation.base import SandboxSpec
-from execbox.runtimes import DRIVER_MOUNT, WORKSPACE
+from execbox.runtimes import DRIVER_MOUNT, EGRESS_DIR, WORKSPACE
 
-__all__ = ["ETC_DIRS_FROM_HOST", "PlanStep", "guest_plan", "mount_plan", "publish_etc"]
+__all__ = ["ETC_DIRS_FROM_HOST", "PlanStep", "egress_step", "guest_plan", "mount_plan", "publish_etc"]
 
 PlanStep = tuple[str, str, str]
 ETC_FILES_FROM_HOST = ("ld.so.cache", "localtime", "mime.types")
@@ -55,6 +55,12 @@ def mount_plan(spec: SandboxSpec, etc_dir: Path, runtime_target: str) -> list[Pl
     plan.append(("ro-bind", str(spec.runtime.driver_path), f"{DRIVER_MOUNT}/{spec.runtime.driver_path.name}"))
     plan += [("bind" if m.writable else "ro-bind", str(m.source), m.target) for m in spec.mounts]
     return plan
+
+
+def egress_step(host_dir: Path) -> PlanStep:
+    """The one step a sandbox with egress adds to its plan: its own proxy socket's directory
+    (see ``EgressPorts``), read-only at EGRESS_DIR."""
+    return ("ro-bind", str(host_dir), EGRESS_DIR)
 
 
 def guest_plan(plan: Sequence[PlanStep]) -> list[PlanStep]:

@@ -8,8 +8,10 @@ Default allow, with three kinds of denial:
   cross-process memory access, and ``clone`` with namespace flags;
 * fail with ENOSYS, so that runtimes fall back cleanly: ``io_uring_*`` (libuv uses it
   when present) and ``clone3`` (glibc then uses ``clone``, whose flags can be checked);
-* fail with EAFNOSUPPORT: ``socket``/``socketpair`` of any family but AF_UNIX (only
-  when the network is off).
+* fail with EAFNOSUPPORT: ``socket``/``socketpair`` of any family but AF_UNIX, or with
+  egress (``inet``) any family but AF_UNIX, AF_INET and AF_INET6: the sandbox's network
+  namespace then has a loopback interface only, where the driver's bridge to the egress
+  proxy listens.
 
 Architectures other than the native one are killed (no x32 / i386 side door).
 """
@@ -53,8 +55,24 @@ def syscall_number(name: str) -> int:
         raise BackendUnavailableError(f"libseccomp does not know the syscall {name}: {exc}") from exc
 
 
-def build_filter_fd(network: bool) -> int:
-    """Compile the filter to BPF and return a readable fd positioned at its start."""
+def _refuse_families(flt: object, inet: bool) -> None:
+    """socket/socketpair of a refused family fail with EAFNOSUPPORT (see the module docstring)."""
+    import pyseccomp as sc
+
+    refused = sc.ERRNO(errno.EAFNOSUPPORT)
+    for name in ("socket", "socketpair"):
+        if not inet:
+            flt.add_rule(refused, name, sc.Arg(0, sc.NE, socket.AF_UNIX))  # type: ignore[attr-defined]
+            continue
+        # AF_UNSPEC, the families between AF_INET and AF_INET6, and every one above AF_INET6
+        for family in (0, *range(socket.AF_INET + 1, socket.AF_INET6)):
+            flt.add_rule(refused, name, sc.Arg(0, sc.EQ, family))  # type: ignore[attr-defined]
+        flt.add_rule(refused, name, sc.Arg(0, sc.GT, socket.AF_INET6))  # type: ignore[attr-defined]
+
+
+def build_filter_fd(inet: bool) -> int:
+    """Compile the filter to BPF and return a readable fd positioned at its start; ``inet``
+    also allows AF_INET and AF_INET6 sockets (egress)."""
     try:
         import pyseccomp as sc
 
@@ -68,9 +86,7 @@ def build_filter_fd(network: bool) -> int:
             flt.add_rule(sc.KILL_PROCESS, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
         for name in _ENOSYS_SYSCALLS:
             flt.add_rule(sc.ERRNO(errno.ENOSYS), name)
-        if not network:
-            flt.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
-            flt.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socketpair", sc.Arg(0, sc.NE, socket.AF_UNIX))
+        _refuse_families(flt, inet)
         handle = tempfile.TemporaryFile()
         flt.export_bpf(handle)
     except (ImportError, OSError, RuntimeError, ValueError) as exc:

@@ -13,7 +13,9 @@ pandas, ...) and serves requests on a SOCK_SEQPACKET socket. For each sandbox:
   then returns to its own. The fork, before any user code exists:
 
   1. joins its cgroup (on the host: the host created it) and then a fresh cgroup namespace;
-  2. builds its file system from the mount plan (read-only binds, tmpfs workspace, /tmp,
+     with egress (``config["loopback"]``) it brings up the loopback interface of its fresh
+     network namespace (where the driver's bridge to the egress proxy listens);
+  2. builds its file system from the mount plan (the spec's, then the spawn's own steps) (read-only binds, tmpfs workspace, /tmp,
      /dev/shm, a minimal /dev, its own /proc), pivots into it and remounts the root
      read-only;
   3. sets its rlimits, empties its capability bounding set, drops to the sandbox's
@@ -31,7 +33,7 @@ shows no host path.
 
 Socket messages (JSON, one per datagram): host -> zygote ``{"op": "init", ...}`` once, then
 
-* ``{"op": "spawn", "id", "uid", "cgroups": [paths], "rlimits": {...}}`` with four fds
+* ``{"op": "spawn", "id", "uid", "cgroups": [paths], "rlimits": {...}, "plan"?: [steps]}`` with four fds
   (control, events, stdout, stderr) on the host; inside gVisor without fds: the
   channels passed to the sandbox at start (``config["channel"]``) are used;
 * ``{"op": "kill", "id", "init", "pid"}``: SIGKILL the sandbox's init (and so its whole
@@ -52,6 +54,7 @@ zygote -> host: ``{"op": "ready"}``, ``{"op": "spawned", "id", "pid", "init"}`` 
 import base64
 import ctypes
 import errno
+import fcntl
 import gc
 import importlib.util
 import json
@@ -61,6 +64,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import sys
 import time
 
@@ -72,6 +76,8 @@ CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
 MNT_DETACH = 2
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+_IFREQ = "16sH22x"  # struct ifreq: the name, then ifr_flags in the 24-byte union
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 24, 38, 22, 2
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _RLIMITS = {"nproc": resource.RLIMIT_NPROC, "core": resource.RLIMIT_CORE,
@@ -159,6 +165,15 @@ def _build_root(root, plan, uid):
     _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
+def _loopback_up():
+    """Bring up ``lo`` in this process's network namespace (a fresh one has it down on
+    Linux; gVisor's is up already)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        flags = struct.unpack(_IFREQ, fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack(_IFREQ, b"lo", 0)))[1]
+        if not flags & IFF_UP:
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | IFF_UP))
+
+
 def _renumber(fds, first):
     """dup ``fds`` to ``first``, ``first + 1``, ... (safe when the numbers overlap)."""
     high = [os.dup(fd) for fd in fds]
@@ -175,8 +190,10 @@ def _child(config, request, fds, driver):
             fh.write("0")
     if request["cgroups"]:
         _check(_libc.unshare(CLONE_NEWCGROUP), "unshare cgroup namespace")
+    if config.get("loopback"):
+        _loopback_up()
     uid = request["uid"]
-    _build_root(config["root"], config["plan"], uid)
+    _build_root(config["root"], config["plan"] + request.get("plan", []), uid)
     _check(_libc.sethostname(b"sandbox", 7), "sethostname")
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
@@ -509,8 +526,8 @@ def main():
     driver = _load_driver(config.get("driver"))
     os.environ.clear()
     os.environ.update(config["env"])
-    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (0 if config["network"] else CLONE_NEWNET)
-    namespaces = ["pid", "mnt", "ipc", "uts"] + ([] if config["network"] else ["net"])
+    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET
+    namespaces = ["pid", "mnt", "ipc", "uts", "net"]
     own_ns = {ns: os.open(f"/proc/self/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in namespaces}
     os.nice(config.get("nice", 0))  # clones and their set-up yield to running programs
     guest = bool(config.get("channel"))

@@ -11,7 +11,10 @@ environment variables ``EXECBOX_CONTROL_FD`` and ``EXECBOX_EVENTS_FD`` (then rem
 
 * control, host -> driver: one request
   ``{"code": str, "arguments": {...}, "stdin": str, "files": {name: b64}, "env": {...},
-  "token": str}``
+  "token": str, "egress"?: {"port": int, "socket": str}}``; with ``egress`` the driver
+  first starts a bridge: a listener on ``127.0.0.1:port`` whose every connection it
+  forwards to the UNIX socket ``socket`` (the egress proxy), and makes the runtime's HTTP
+  clients use ``HTTP_PROXY``/``HTTPS_PROXY`` (set in ``env``)
 * events, driver -> host: ``{"event": "ready"}`` once started, then
   ``{"event": "done", "exit_code": int 0..255, "result": {"present": bool, "value": any} | null,
   "error_kind": "memory" | "network" | "file" | "result" | null, "time_ms": float,
@@ -32,7 +35,18 @@ from pathlib import Path
 
 from execbox.models import Language
 
-__all__ = ["CONTROL_FD_ENV", "DRIVER_MOUNT", "EVENTS_FD_ENV", "RUNTIME_MOUNT", "SYSTEM_PYTHON", "WORKSPACE", "Runtime"]
+__all__ = [
+    "CONTROL_FD_ENV",
+    "DRIVER_MOUNT",
+    "EGRESS_DIR",
+    "EGRESS_PORT",
+    "EGRESS_SOCKET_NAME",
+    "EVENTS_FD_ENV",
+    "RUNTIME_MOUNT",
+    "SYSTEM_PYTHON",
+    "WORKSPACE",
+    "Runtime",
+]
 
 CONTROL_FD_ENV = "EXECBOX_CONTROL_FD"
 EVENTS_FD_ENV = "EXECBOX_EVENTS_FD"
@@ -40,6 +54,11 @@ EVENTS_FD_ENV = "EXECBOX_EVENTS_FD"
 RUNTIME_MOUNT = "/opt/runtime"
 DRIVER_MOUNT = "/opt/driver"
 WORKSPACE = "/workspace"
+#: egress: the directory holding the proxy's socket inside a sandbox, and the loopback port
+#: the driver's bridge listens on there (HTTP_PROXY=http://127.0.0.1:EGRESS_PORT)
+EGRESS_DIR = "/run/egress"
+EGRESS_SOCKET_NAME = "proxy.sock"
+EGRESS_PORT = 3128
 #: the interpreter of the fork server for runtimes whose driver is exec'd
 SYSTEM_PYTHON = "/usr/bin/python3"
 

@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any
 
 from execbox.artifacts import collect_artifacts_report
+from execbox.egress_rules import EgressRule
 from execbox.errors import (
     BadRequestError,
     ExecboxError,
@@ -35,6 +36,7 @@ from execbox.policy import inspect_code
 from execbox.pool import PoolStats, SandboxPool
 from execbox.runtimes import get_runtime
 from execbox.service.backends import select_backend
+from execbox.service.egress import EgressCaps, EgressProxy, execution_rules, with_proxy
 from execbox.service.classify import (
     EXIT_BUSY,
     EXIT_INTERNAL,
@@ -107,6 +109,12 @@ class Executor:
         self.packages = PackageCache(settings)
         self._packages_backend: IsolationBackend | None = None
         self._destroying: set[asyncio.Future[None]] = set()
+        self._egress_rules = settings.egress_rules
+        #: the egress proxy (docs/egress.md), when the server has an allowlist
+        self.egress: EgressProxy | None = None
+        if self._egress_rules:
+            uids = range(settings.uid_base, settings.uid_base + settings.uid_count)
+            self.egress = EgressProxy(EgressCaps.from_settings(settings), uids=uids)
 
     def _check_environments(self) -> None:
         self.warnings.extend(check_environments(self.settings, self._languages))
@@ -121,9 +129,11 @@ class Executor:
         reaped = await loop.run_in_executor(self._build_threads, self.backend.reap)
         if reaped:
             log.warning("reaped %d sandbox(es) left by a previous run", reaped)
+        if self.egress is not None:
+            self.egress.start()
         for language in self._languages:
             runtime = get_runtime(language)
-            spec = sandbox_spec(self.settings, runtime)
+            spec = sandbox_spec(self.settings, runtime, self.egress)
             pool = SandboxPool(
                 f"{language.value}/{self.backend.name}",
                 partial(self.backend.create, spec),
@@ -154,6 +164,8 @@ class Executor:
             self._packages_backend.close()
         if self.backend is not None:
             self.backend.close()
+        if self.egress is not None:
+            self.egress.shutdown()
 
     async def wait_ready(self, timeout_s: float = 60.0) -> bool:
         results = await asyncio.gather(*(pool.wait_ready(timeout_s) for pool in self._pools.values()))
@@ -190,6 +202,11 @@ class Executor:
             raise BadRequestError("limits above the server's maxima: " + ", ".join(above))
         return request.limits
 
+    def egress_rules_for(self, request: ExecutionRequest) -> tuple[EgressRule, ...]:
+        """The request's egress rules (the server's unless it narrows them); BadRequestError
+        for a bad pattern or one the server's allowlist does not cover."""
+        return execution_rules(request, self._egress_rules)
+
     async def execute(self, request: ExecutionRequest, on_output: OutputSink | None = None) -> ExecutionResult:
         """Run one request; every failure of the user's program is a verdict, not an exception.
 
@@ -220,7 +237,7 @@ class Executor:
         """The spec of a sandbox held by one session (the pools' spec, with an outer wall of its own)."""
         spec = self._dedicated_specs.get(language)
         if spec is None:
-            spec = dataclasses.replace(sandbox_spec(self.settings, get_runtime(language)), dedicated=True)
+            spec = dataclasses.replace(sandbox_spec(self.settings, get_runtime(language), self.egress), dedicated=True)
             spec = self._dedicated_specs.setdefault(language, spec)
         return spec
 
@@ -274,6 +291,8 @@ class Executor:
 
     async def _execute(self, request: ExecutionRequest, on_output: OutputSink | None) -> ExecutionResult:
         limits = self.limits_for(request)
+        rules = self.egress_rules_for(request)
+        request = with_proxy(request, rules)
         if (blocked := self.check_code(request.code, request.language)) is not None:
             return blocked
         pool = self._pools.get(request.language)
@@ -301,7 +320,8 @@ class Executor:
             log.error("no sandbox for a %s request: %s", request.language.value, exc)
             return runner_error(EXIT_INTERNAL, "internal_error", f"{exc}\n")
         loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._run_threads, _run_in_sandbox, sandbox, request, limits, on_output)
+        egress = self.egress.session(sandbox.egress_key, sandbox.id, rules) if self.egress else contextlib.nullcontext()
+        work = loop.run_in_executor(self._run_threads, _run_in_sandbox, sandbox, request, limits, on_output, egress)
         try:
             outcome, artifacts, skipped = await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -354,10 +374,16 @@ class Executor:
 
 
 def _run_in_sandbox(
-    sandbox: Sandbox, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None
+    sandbox: Sandbox,
+    request: ExecutionRequest,
+    limits: Limits,
+    on_output: OutputSink | None,
+    egress: contextlib.AbstractContextManager[None],
 ) -> tuple[RunOutcome, tuple[Artifact, ...], tuple[SkippedArtifact, ...]]:
-    """Blocking: run, then collect artifacts from the still-live sandbox if the program finished."""
-    outcome = sandbox.run(request, limits, on_output)
+    """Blocking: run (with the execution's egress attached to its sandbox's proxy port), then
+    collect artifacts from the still-live sandbox if the program finished."""
+    with egress:
+        outcome = sandbox.run(request, limits, on_output)
     artifacts: tuple[Artifact, ...] = ()
     skipped: tuple[SkippedArtifact, ...] = ()
     if outcome.report is not None:

@@ -214,6 +214,10 @@ class LayeredSandbox(Sandbox):
         self.lease = lease
         self.backend_name = inner.backend_name  # type: ignore[misc]
 
+    @property
+    def egress_key(self) -> str | None:
+        return self.inner.egress_key
+
     def run(self, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None = None) -> RunOutcome:
         return self.inner.run(request, limits, on_output)
 

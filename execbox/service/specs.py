@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from execbox.isolation.base import SandboxSpec
+from execbox.isolation.base import EgressPorts, SandboxSpec
 from execbox.models import Language
 from execbox.runtimes import RUNTIME_MOUNT, Runtime
 from execbox.service.backends import SECCOMP_PROFILE
@@ -16,7 +16,9 @@ __all__ = ["PASSED_HOST_VARIABLES", "sandbox_spec"]
 PASSED_HOST_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
-def sandbox_spec(settings: Settings, runtime: Runtime) -> SandboxSpec:
+def sandbox_spec(settings: Settings, runtime: Runtime, egress: EgressPorts | None = None) -> SandboxSpec:
+    """The spec of every sandbox of ``runtime``; with ``egress`` (the proxy, when the server
+    has an allowlist) each gets a port of it."""
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": "/tmp",
@@ -41,7 +43,7 @@ def sandbox_spec(settings: Settings, runtime: Runtime) -> SandboxSpec:
         workspace_bytes=settings.max_disk,
         tmp_bytes=settings.max_disk,
         output_bytes=settings.max_output,
-        network=settings.enable_network,
+        egress=egress,
         seccomp_profile=SECCOMP_PROFILE if settings.enable_seccomp else None,
         file_size_max_bytes=settings.max_disk,
         env=env,

@@ -395,6 +395,34 @@
     }
   }
 
+  /**
+   * With egress (request.egress = {port, socket}): a bridge on 127.0.0.1:port, in the sandbox's own
+   * network namespace, forwards each connection to the egress proxy's UNIX socket; global fetch
+   * uses the proxy through undici's ProxyAgent (Node 20's fetch ignores HTTP_PROXY; CONNECT for
+   * https). axios reads HTTP_PROXY/HTTPS_PROXY (set in the request's env) itself and tunnels https
+   * with CONNECT. Without egress: nothing at all.
+   */
+  function startEgress(egress) {
+    if (!egress) return;
+    const net = require('net');
+    const server = net.createServer({ allowHalfOpen: true }, (client) => {
+      const upstream = net.connect({ path: egress.socket, allowHalfOpen: true });
+      const end = () => { client.destroy(); upstream.destroy(); };
+      for (const sock of [client, upstream]) { sock.on('error', end); sock.on('close', end); }
+      client.pipe(upstream);
+      upstream.pipe(client);
+    });
+    server.on('error', (err) => process.stderr.write(`execbox: the egress bridge failed: ${err.message}\n`));
+    server.listen(egress.port, '127.0.0.1');
+    server.unref();
+    try {
+      const { ProxyAgent, setGlobalDispatcher } = require('undici');
+      setGlobalDispatcher(new ProxyAgent(`http://127.0.0.1:${egress.port}`));
+    } catch (err) {
+      process.stderr.write(`execbox: fetch cannot use the egress proxy (${err.message}); run execbox build\n`);
+    }
+  }
+
   function main() {
     fs.mkdirSync('artifacts', { recursive: true });
     send({ event: 'ready' });
@@ -405,6 +433,8 @@
     }
     token = typeof request.token === 'string' ? request.token : null;
     delete request.token;
+    startEgress(request.egress);
+    delete request.egress;
     const started = process.hrtime.bigint();
     if (!prepare(request)) {
       finish({ exitCode: 1, result: null, kind: null }, started);

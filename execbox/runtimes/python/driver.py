@@ -210,6 +210,96 @@ def _prepare(request):
     return True
 
 
+def _bridge(listener, path):
+    """Forward every TCP connection accepted on ``listener`` to the UNIX socket ``path`` (the
+    egress proxy), both ways, in this one thread: a side reads only when what it read last
+    has been written (no buffering beyond one chunk), and its end is passed on as a half-close."""
+    import selectors
+    import socket
+
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    peer, out, eof = {}, {}, set()
+
+    def update(sock):
+        events = selectors.EVENT_READ if sock not in eof and not out[peer[sock]] else 0
+        events |= selectors.EVENT_WRITE if out[sock] else 0
+        registered = sock in sel.get_map()
+        if events:
+            (sel.modify if registered else sel.register)(sock, events)
+        elif registered:
+            sel.unregister(sock)
+
+    def close(sock):
+        for one in (sock, peer[sock]):
+            if one in sel.get_map():
+                sel.unregister(one)
+            one.close()
+            peer.pop(one, None)
+            out.pop(one, None)
+            eof.discard(one)
+
+    while True:
+        for key, mask in sel.select():
+            sock = key.fileobj
+            if sock is listener:
+                client, _ = listener.accept()
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    upstream.connect(path)
+                except OSError:
+                    client.close()
+                    upstream.close()
+                    continue
+                for one, other in ((client, upstream), (upstream, client)):
+                    one.setblocking(False)
+                    peer[one], out[one] = other, b""
+                update(client)
+                update(upstream)
+                continue
+            if sock not in peer:  # closed earlier in this round
+                continue
+            other = peer[sock]
+            try:
+                if mask & selectors.EVENT_WRITE and out[sock]:
+                    out[sock] = out[sock][sock.send(out[sock]):]
+                    if not out[sock] and other in eof:
+                        sock.shutdown(socket.SHUT_WR)
+                if mask & selectors.EVENT_READ and sock not in eof and not out[other]:
+                    data = sock.recv(1 << 16)
+                    if data:
+                        out[other] = data
+                    else:
+                        eof.add(sock)
+                        if not out[other]:
+                            other.shutdown(socket.SHUT_WR)
+            except OSError:
+                close(sock)
+                continue
+            if sock in eof and other in eof and not out[sock] and not out[other]:
+                close(sock)
+                continue
+            update(sock)
+            update(other)
+
+
+def _start_egress_bridge(request):
+    """With egress (``request["egress"]``), listen on the sandbox's own loopback at its port
+    and bridge each connection to the proxy's socket, in a daemon thread; HTTP_PROXY and
+    HTTPS_PROXY (in the request's env) point there. Without egress: nothing at all."""
+    egress = request.pop("egress", None)
+    if not egress:
+        return
+    import socket
+    import threading
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", int(egress["port"])))
+    listener.listen(64)
+    threading.Thread(target=_bridge, args=(listener, egress["socket"]), name="execbox-egress", daemon=True).start()
+
+
 def _run(request):
     """Run the user's program; returns (exit_code, result, error_kind)."""
     import linecache
@@ -364,6 +454,7 @@ def serve(control_fd, events_fd):
     os.makedirs("artifacts", exist_ok=True)
     send({"event": "ready"})
     request = recv()
+    _start_egress_bridge(request)
     run_cell = _cell_runner() if "cell" in request else None
     while True:
         token = request.pop("token", None)
