@@ -301,9 +301,10 @@ def executor(
 def start_executor(
     sandbox_settings: Settings, event_loop_thread: LoopThread, created_sandboxes: CreatedSandboxes
 ) -> Any:
-    """``with start_executor(backend) as runner:`` for a test that must close its executor itself."""
+    """``with start_executor(backend) as runner:`` for a test that must close its executor itself
+    (``settings``: other settings than the session's, e.g. ``sandbox_settings.model_copy(...)``)."""
 
-    def start(backend: IsolationBackend) -> contextlib.AbstractContextManager[SandboxRunner]:
-        return started_executor(backend, sandbox_settings, event_loop_thread, created_sandboxes)
+    def start(backend: IsolationBackend, settings: Settings | None = None) -> contextlib.AbstractContextManager[SandboxRunner]:
+        return started_executor(backend, settings or sandbox_settings, event_loop_thread, created_sandboxes)
 
     return start

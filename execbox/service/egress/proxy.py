@@ -235,9 +235,9 @@ class EgressProxy(EgressPorts):
             if execution is not None and task is not None:
                 record["execution_id"] = execution.execution_id
                 execution.tasks.add(task)  # type: ignore[arg-type]
-            self._check_peer(writer)
             request = await self._read_request(reader)
             record.update(method=request.method, host=request.host, port=request.port)
+            self._check_peer(writer)
             if execution is None:
                 raise Refusal(403, "egress is off for this execution")
             address, up_reader, upstream = await self._connect(execution, request)
@@ -351,13 +351,13 @@ class EgressProxy(EgressPorts):
         finally:
             for copy in (up, down):
                 copy.cancel()
-        if pending:
-            return f"closed at the cap of {self._caps.connection_time_s:g} s per connection"
         for copy in done:
             if isinstance(copy.exception(), _CapReached):
                 return f"closed at the cap of {self._caps.bytes} bytes per execution"
             if copy.exception() is not None:
                 return f"connection lost: {copy.exception()}"
+        if pending:
+            return f"closed at the cap of {self._caps.connection_time_s:g} s per connection"
         return "done"
 
     async def _copy(
