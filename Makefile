@@ -40,6 +40,8 @@ HEALTH_URL := http://$(HEALTH_HOST):$(PORT)/healthz
 REQUIRED_PACKAGES := bubblewrap:/usr/bin/bwrap util-linux:/usr/bin/prlimit curl:/usr/bin/curl
 # ... and the multi-replica test's (tests/api/test_multi_replica.py): a reverse proxy, a Redis
 REQUIRED_PACKAGES += haproxy:/usr/sbin/haproxy redis-server:/usr/bin/redis-server
+# ... and the egress tests' (tests/contract/egress_host.py): a test host in a network namespace
+REQUIRED_PACKAGES += iproute2:/usr/sbin/ip openssl:/usr/bin/openssl
 # runsc (gVisor) is optional: without it the service falls back to the namespaces backend.
 # A runsc is good enough when it offers the systrap platform and starts a sandbox on it
 # (Debian 12's own runsc, of 2022, does not: its sandboxes cannot hold the two walls);

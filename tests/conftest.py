@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -308,3 +310,19 @@ def start_executor(
         return started_executor(backend, settings or sandbox_settings, event_loop_thread, created_sandboxes)
 
     return start
+
+
+@pytest.fixture
+def egress_log() -> Iterator[list[dict[str, Any]]]:
+    """The egress proxy's log lines (one JSON object per connection) while the test runs."""
+    seen: list[dict[str, Any]] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(json.loads(record.getMessage().removeprefix("egress ")))
+
+    handler, logger = Catch(), logging.getLogger("execbox.egress")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield seen
+    logger.removeHandler(handler)

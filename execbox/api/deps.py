@@ -221,6 +221,11 @@ async def native_request(
     """The execution a valid ``/v1/execute`` body asks for."""
     await _check_address(request, quotas, metrics, caller, _refused_on_v1)
     check_code_size(settings, body.code)
+    egress = None if body.egress is None else tuple(body.egress)
+    try:
+        executor.egress_rules_for(ExecutionRequest(code="", egress=egress))  # a 422 now, not mid-stream
+    except BadRequestError as exc:
+        raise validation_error(("body", "egress"), str(exc)) from exc
     return ExecutionRequest(
         language=body.language,
         code=body.code,
@@ -230,6 +235,7 @@ async def native_request(
         env=body.env,
         limits=merged_limits(settings, executor, body.limits),
         packages=await checked_packages(executor, body),
+        egress=egress,
     )
 
 

@@ -146,8 +146,9 @@ def _environment(settings: Settings, *, session: bool) -> str:
         else "Each run starts in an empty, writable working directory"
     )
     network = (
-        "Network: outbound access is enabled by the operator."
-        if settings.enable_network
+        "Network: HTTP(S) only, through a proxy (HTTP_PROXY/HTTPS_PROXY are set), to "
+        + ", ".join(map(str, settings.egress_rules)) + "; nothing else is reachable."
+        if settings.egress_rules
         else "Network: none (no network interface but loopback): do not download anything or pip/npm install."
     )
     check = {
@@ -326,7 +327,7 @@ def build_mcp(
     )
     descriptions = _descriptions(settings)
     runs = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-                           open_world_hint=settings.enable_network)
+                           open_world_hint=bool(settings.egress_rules))
 
     def too_large(code: str) -> CallToolResult | None:
         size = len(code.encode("utf-8", "surrogatepass"))

@@ -173,6 +173,11 @@ class ExecuteRequest(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
     limits: LimitsIn | None = None
     packages: list[str] = Field(default_factory=list, max_length=32, description=_PACKAGES_HELP)
+    egress: list[str] | None = Field(
+        None,
+        description="hosts this execution may reach through the egress proxy, each covered by the server's "
+        "SANDBOX_EGRESS_ALLOW (a request may narrow it, never widen it); [] = no network; absent = the server's list",
+    )
 
     @field_validator("code", "stdin")
     @classmethod

@@ -36,7 +36,7 @@ from execbox.isolation.oci import SystemBind, build_config
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
 from execbox.isolation.supervise import SupervisedSandbox, wait_ready
-from execbox.runtimes import EGRESS_DIR
+from execbox.runtimes.base import EGRESS_DIR
 
 __all__ = ["GVisorSandbox", "start_single_use"]
 

@@ -51,11 +51,11 @@ from execbox.isolation.rootfs import ETC_DIRS_FROM_HOST, PlanStep
 from execbox.runtimes import (
     CONTROL_FD_ENV,
     DRIVER_MOUNT,
-    EGRESS_DIR,
     EVENTS_FD_ENV,
     RUNTIME_MOUNT,
     WORKSPACE,
 )
+from execbox.runtimes.base import EGRESS_DIR
 
 __all__ = [
     "CHANNEL_SHELL",

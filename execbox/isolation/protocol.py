@@ -20,7 +20,7 @@ from typing import Any
 from execbox.errors import SandboxProtocolError
 from execbox.isolation.base import DriverReport
 from execbox.models import ExecutionRequest
-from execbox.runtimes import EGRESS_DIR, EGRESS_PORT, EGRESS_SOCKET_NAME
+from execbox.runtimes.base import EGRESS_DIR, EGRESS_PORT, EGRESS_SOCKET_NAME
 
 __all__ = ["FrameReader", "encode_request", "parse_report"]
 

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from execbox.isolation.base import SandboxSpec
-from execbox.runtimes import DRIVER_MOUNT, EGRESS_DIR, WORKSPACE
+from execbox.runtimes import DRIVER_MOUNT, WORKSPACE
+from execbox.runtimes.base import EGRESS_DIR
 
 __all__ = ["ETC_DIRS_FROM_HOST", "PlanStep", "egress_step", "guest_plan", "mount_plan", "publish_etc"]
 

@@ -7,9 +7,6 @@ from execbox.models import Language
 from execbox.runtimes.base import (
     CONTROL_FD_ENV,
     DRIVER_MOUNT,
-    EGRESS_DIR,
-    EGRESS_PORT,
-    EGRESS_SOCKET_NAME,
     EVENTS_FD_ENV,
     RUNTIME_MOUNT,
     SYSTEM_PYTHON,
@@ -22,9 +19,6 @@ from execbox.runtimes.python import PYTHON
 __all__ = [
     "CONTROL_FD_ENV",
     "DRIVER_MOUNT",
-    "EGRESS_DIR",
-    "EGRESS_PORT",
-    "EGRESS_SOCKET_NAME",
     "EVENTS_FD_ENV",
     "RUNTIMES",
     "RUNTIME_MOUNT",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +16,6 @@ from execbox.egress_rules import (
     parse_rules,
     uncovered,
 )
-from execbox.errors import ConfigurationError
-from execbox.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -151,29 +147,3 @@ def test_only_an_ip_rule_permits_an_inward_address() -> None:
 )
 def test_a_request_may_narrow_never_widen(server: str, requested: str, wider: list[str]) -> None:
     assert [str(r) for r in uncovered(parse_rules(server), parse_rules(requested))] == wider
-
-
-@pytest.fixture
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("SANDBOX_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-def test_the_setting_is_checked_at_start_up(clean_environment: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SANDBOX_EGRESS_ALLOW", "api.github.com,a.*.com")
-    with pytest.raises(ConfigurationError, match=r"SANDBOX_EGRESS_ALLOW=.*a\.\*\.com.*'\*' may only be"):
-        Settings.load()
-
-
-def test_no_allowlist_is_no_network_and_enable_network_is_any_public_host(
-    clean_environment: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert Settings.load().egress_rules == ()
-    monkeypatch.setenv("SANDBOX_EGRESS_ALLOW", "api.github.com:443, 10.0.0.0/8")
-    assert [str(r) for r in Settings.load().egress_rules] == ["api.github.com:443", "10.0.0.0/8"]
-    monkeypatch.setenv("SANDBOX_ENABLE_NETWORK", "true")
-    assert [str(r) for r in Settings.load().egress_rules] == ["api.github.com:443", "10.0.0.0/8", "*"]
-    monkeypatch.delenv("SANDBOX_EGRESS_ALLOW")
-    assert [str(r) for r in Settings.load().egress_rules] == ["*"]

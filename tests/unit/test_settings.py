@@ -164,3 +164,21 @@ def test_settings_are_frozen() -> None:
     settings = Settings.load()
     with pytest.raises(Exception):  # noqa: B017,PT011 - pydantic's frozen-instance error
         settings.timeout = 1.0  # type: ignore[misc]
+
+
+def test_the_setting_is_checked_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOX_EGRESS_ALLOW", "api.github.com,a.*.com")
+    with pytest.raises(ConfigurationError, match=r"SANDBOX_EGRESS_ALLOW=.*a\.\*\.com.*'\*' may only be"):
+        Settings.load()
+
+
+def test_no_allowlist_is_no_network_and_enable_network_is_any_public_host(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings.load().egress_rules == ()
+    monkeypatch.setenv("SANDBOX_EGRESS_ALLOW", "api.github.com:443, 10.0.0.0/8")
+    assert [str(r) for r in Settings.load().egress_rules] == ["api.github.com:443", "10.0.0.0/8"]
+    monkeypatch.setenv("SANDBOX_ENABLE_NETWORK", "true")
+    assert [str(r) for r in Settings.load().egress_rules] == ["api.github.com:443", "10.0.0.0/8", "*"]
+    monkeypatch.delenv("SANDBOX_EGRESS_ALLOW")
+    assert [str(r) for r in Settings.load().egress_rules] == ["*"]

@@ -55,7 +55,8 @@ async def info(settings: SettingsDep, executor: ExecutorDep) -> dict[str, Any]:
         "warnings": executor.warnings,
         "limits": settings.default_limits().model_dump(),
         "code_check": settings.code_check.value,
-        "network": settings.enable_network,
+        "network": bool(settings.egress_rules),
+        "egress": [str(rule) for rule in settings.egress_rules],
         "pools": [s.__dict__ for s in executor.pool_stats()],
     }
 

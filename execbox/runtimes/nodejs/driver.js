@@ -6,7 +6,7 @@
  * CommonJS module (with or without `module.exports = { main };`), calls
  * `main(arguments)` (sync or async) and reports the outcome on its events fd. stdout and stderr
  * are exactly what the program printed. After the report it blocks until the host
- * destroys the sandbox. Node's standard library only.
+ * destroys the sandbox. Node's standard library only (with egress, undici from the runtime environment).
  *
  * - The channel fds and the request's token live in this function's closure, never in
  *   module scope, globals, require.cache or the environment (EXECBOX_*_FD are deleted
@@ -398,8 +398,8 @@
   /**
    * With egress (request.egress = {port, socket}): a bridge on 127.0.0.1:port, in the sandbox's own
    * network namespace, forwards each connection to the egress proxy's UNIX socket; global fetch
-   * uses the proxy through undici's ProxyAgent (Node 20's fetch ignores HTTP_PROXY; CONNECT for
-   * https). axios reads HTTP_PROXY/HTTPS_PROXY (set in the request's env) itself and tunnels https
+   * uses the proxy through undici's ProxyAgent, installed at its first call (Node 20's fetch
+   * ignores HTTP_PROXY; CONNECT for https). axios reads HTTP_PROXY/HTTPS_PROXY (set in the request's env) itself and tunnels https
    * with CONNECT. Without egress: nothing at all.
    */
   function startEgress(egress) {
@@ -415,12 +415,21 @@
     server.on('error', (err) => process.stderr.write(`execbox: the egress bridge failed: ${err.message}\n`));
     server.listen(egress.port, '127.0.0.1');
     server.unref();
-    try {
-      const { ProxyAgent, setGlobalDispatcher } = require('undici');
-      setGlobalDispatcher(new ProxyAgent(`http://127.0.0.1:${egress.port}`));
-    } catch (err) {
-      process.stderr.write(`execbox: fetch cannot use the egress proxy (${err.message}); run execbox build\n`);
-    }
+    // undici takes ~0.2 s to load: only at the first fetch, so that code without fetch pays nothing
+    const fetchDirectly = globalThis.fetch;
+    let proxied = false;
+    globalThis.fetch = function fetch(...args) {
+      if (!proxied) {
+        proxied = true;
+        try {
+          const { ProxyAgent, setGlobalDispatcher } = require('undici');
+          setGlobalDispatcher(new ProxyAgent(`http://127.0.0.1:${egress.port}`));
+        } catch (err) {
+          process.stderr.write(`execbox: fetch cannot use the egress proxy (${err.message}); run execbox build\n`);
+        }
+      }
+      return fetchDirectly.apply(this, args);
+    };
   }
 
   function main() {

@@ -29,9 +29,20 @@ started, and without an allowlist the sandboxes are exactly as before (no socket
 loopback, AF_UNIX only).
 """
 
-from execbox.service.egress.execution import PROXY_URL, PROXY_VARIABLES, execution_rules, with_proxy
+from execbox.service.egress.execution import (
+    PROXY_URL,
+    PROXY_VARIABLES,
+    execution_rules,
+    with_proxy,
+)
 from execbox.service.egress.metrics import EgressMetrics
-from execbox.service.egress.proxy import EGRESS_PORTS_DIR, EgressCaps, EgressProxy, EgressStats, ports_in_use
+from execbox.service.egress.proxy import (
+    EGRESS_PORTS_DIR,
+    EgressCaps,
+    EgressProxy,
+    EgressStats,
+    ports_in_use,
+)
 
 __all__ = [
     "EGRESS_PORTS_DIR",

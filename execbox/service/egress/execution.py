@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from execbox.egress_rules import EgressRule, parse_rules, uncovered
 from execbox.errors import BadRequestError
 from execbox.models import ExecutionRequest
-from execbox.runtimes import EGRESS_PORT
+from execbox.runtimes.base import EGRESS_PORT
 
 __all__ = ["PROXY_URL", "PROXY_VARIABLES", "execution_rules", "with_proxy"]
 

@@ -26,7 +26,7 @@ _REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 502: "
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization", "host", "te", "upgrade"})
 
 
-class Refusal(Exception):  # noqa: N818 - an answer, not an error of ours
+class Refusal(Exception):
     """The proxy's answer to a request it does not carry out: an HTTP status and why."""
 
     def __init__(self, status: int, reason: str) -> None:

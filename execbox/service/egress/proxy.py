@@ -42,8 +42,14 @@ from typing import Any
 from execbox.egress_rules import EgressRule, address_permitted, match_host
 from execbox.isolation.base import EgressPorts
 from execbox.isolation.owners import is_orphan
-from execbox.runtimes import EGRESS_SOCKET_NAME
-from execbox.service.egress.http import MAX_HEAD_BYTES, ProxyRequest, Refusal, parse_head, refusal_response
+from execbox.runtimes.base import EGRESS_SOCKET_NAME
+from execbox.service.egress.http import (
+    MAX_HEAD_BYTES,
+    ProxyRequest,
+    Refusal,
+    parse_head,
+    refusal_response,
+)
 from execbox.settings import Settings
 
 __all__ = ["EGRESS_PORTS_DIR", "EgressCaps", "EgressProxy", "EgressStats", "ports_in_use"]
@@ -95,7 +101,7 @@ class _Execution:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
-class _CapReached(Exception):  # noqa: N818 - an outcome, not a fault
+class _CapReached(Exception):
     pass
 
 

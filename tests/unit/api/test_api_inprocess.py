@@ -203,6 +203,8 @@ def test_undecodable_bodies_are_422(client: TestClient, endpoint: str, raw: byte
         ({"code": "x", "limits": {"wall_time_s": 0}}, "wall_time_s"),
         ({"code": "x", "limits": {"output_bytes": 0}}, "output_bytes"),
         ({"code": "x", "limits": {"wall_time_s": 3600}}, "limits"),  # above the server's maximum
+        ({"code": "x", "egress": ["example.org"]}, "egress"),  # this server allows no network
+        ({"code": "x", "egress": ["a.*.example.org"]}, "egress"),
     ],
 )
 @pytest.mark.parametrize("endpoint", ["/v1/execute", "/v1/execute/stream"])
@@ -244,3 +246,9 @@ def test_the_library_executor_takes_code_with_a_lone_surrogate(tmp_path: Path) -
     result = asyncio.run(once())
     assert result.status.value == "success"
     assert result.result is not None and result.result.value == "\ufffd"
+
+
+def test_a_request_may_turn_egress_off(client: TestClient) -> None:
+    response = client.post("/v1/execute", json={"code": program(value=1), "egress": []})
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["result"] == {"present": True, "value": 1, "type": "json"}

@@ -9,8 +9,6 @@ this machine: 169.254.169.254 and the like are refused before any connection is 
 from __future__ import annotations
 
 import http.server
-import json
-import logging
 import os
 import shutil
 import socket
@@ -24,9 +22,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from execbox.egress_rules import parse_rules
-from execbox.models import ExecutionRequest
 from execbox.errors import BadRequestError
-from execbox.runtimes import EGRESS_SOCKET_NAME
+from execbox.models import ExecutionRequest
+from execbox.runtimes.base import EGRESS_SOCKET_NAME
 from execbox.service.egress import (
     PROXY_URL,
     EgressCaps,
@@ -123,7 +121,7 @@ def test_a_request_may_not_widen_the_servers_rules(server: str, egress: tuple[st
 class _Upstream(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         if self.path.startswith("/stall"):
             time.sleep(30)
             return
@@ -145,22 +143,6 @@ def upstream() -> Iterator[int]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
     server.shutdown()
-
-
-@pytest.fixture
-def records() -> Iterator[list[dict[str, object]]]:
-    seen: list[dict[str, object]] = []
-
-    class Catch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(json.loads(record.getMessage().removeprefix("egress ")))
-
-    handler = Catch()
-    logger = logging.getLogger("execbox.egress")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield seen
-    logger.removeHandler(handler)
 
 
 def _proxy(tmp_path: Path, **caps: float) -> EgressProxy:
@@ -193,30 +175,30 @@ def _get(url: str) -> str:
     return f"GET {url} HTTP/1.1\r\nHost: ignored\r\n\r\n"
 
 
-def _wait_for(records: list[dict[str, object]], count: int) -> list[dict[str, object]]:
+def _wait_for(egress_log: list[dict[str, object]], count: int) -> list[dict[str, object]]:
     deadline = time.monotonic() + 20
-    while len(records) < count and time.monotonic() < deadline:
+    while len(egress_log) < count and time.monotonic() < deadline:
         time.sleep(0.01)
-    return records
+    return egress_log
 
 
-def test_a_port_without_an_execution_refuses(proxy: EgressProxy, upstream: int, records: list) -> None:
+def test_a_port_without_an_execution_refuses(proxy: EgressProxy, upstream: int, egress_log: list) -> None:
     directory = proxy.open(KEY)
     answer = _ask(directory, _get(f"http://127.0.0.1:{upstream}/"))
     assert answer.startswith(b"HTTP/1.1 403 ")
     assert b"egress is off for this execution" in answer
-    record = _wait_for(records, 1)[0]
+    record = _wait_for(egress_log, 1)[0]
     assert record["decision"] == "refused" and record["execution_id"] is None and record["sandbox_id"] == KEY
 
 
-def test_an_allowed_request_goes_through_and_is_logged(proxy: EgressProxy, upstream: int, records: list) -> None:
+def test_an_allowed_request_goes_through_and_is_logged(proxy: EgressProxy, upstream: int, egress_log: list) -> None:
     directory = proxy.open(KEY)
     with proxy.session(KEY, "exec-1", parse_rules(f"127.0.0.1:{upstream}")):
         answer = _ask(directory, _get(f"http://127.0.0.1:{upstream}/"))
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"hello")
     assert f"X-Seen-Host: 127.0.0.1:{upstream}".encode() in answer  # Host comes from the URI
-    record = _wait_for(records, 1)[0]
+    record = _wait_for(egress_log, 1)[0]
     assert record["decision"] == "allowed" and record["status"] == 200
     assert (record["execution_id"], record["host"], record["port"], record["address"]) == (
         "exec-1", "127.0.0.1", upstream, "127.0.0.1",
@@ -247,14 +229,14 @@ def test_connect_tunnels(proxy: EgressProxy, upstream: int) -> None:
     ],
 )
 def test_refusals_are_403_with_a_reason(
-    proxy: EgressProxy, upstream: int, records: list, rules: str, target: str, says: str
+    proxy: EgressProxy, upstream: int, egress_log: list, rules: str, target: str, says: str
 ) -> None:
     directory = proxy.open(KEY)
     with proxy.session(KEY, "exec-1", parse_rules(rules)):
         answer = _ask(directory, _get(target.format(port=upstream)))
     assert answer.startswith(b"HTTP/1.1 403 Forbidden")
     assert says in answer.decode()
-    record = _wait_for(records, 1)[0]
+    record = _wait_for(egress_log, 1)[0]
     assert record["decision"] == "refused" and record["address"] is None and record["bytes_down"] == 0
     assert proxy.stats().refused == 1
 
@@ -273,46 +255,47 @@ def test_the_connection_cap(tmp_path: Path, upstream: int) -> None:
         proxy.shutdown()
 
 
-def test_the_byte_cap_ends_the_connection(tmp_path: Path, upstream: int, records: list) -> None:
-    proxy = _proxy(tmp_path, bytes=100_000)
+def _capped(tmp_path: Path, upstream: int, path: str, egress_log: list, **caps: float) -> tuple[bytes, str]:
+    """The answer to one request under ``caps``, and how the proxy says the connection ended."""
+    proxy = _proxy(tmp_path, **caps)
     try:
         directory = proxy.open(KEY)
         with proxy.session(KEY, "exec-1", parse_rules(f"127.0.0.1:{upstream}")):
-            answer = _ask(directory, _get(f"http://127.0.0.1:{upstream}/bytes/1000000"))
-        assert answer.startswith(b"HTTP/1.1 200 ") and len(answer) <= 100_000
-        assert "cap of 100000 bytes" in str(_wait_for(records, 1)[0]["reason"])
+            answer = _ask(directory, _get(f"http://127.0.0.1:{upstream}{path}"))
+        return answer, str(_wait_for(egress_log, 1)[0]["reason"])
     finally:
         proxy.shutdown()
 
 
-def test_the_time_cap_ends_the_connection(tmp_path: Path, upstream: int, records: list) -> None:
-    proxy = _proxy(tmp_path, connection_time_s=0.5)
-    try:
-        directory = proxy.open(KEY)
-        with proxy.session(KEY, "exec-1", parse_rules(f"127.0.0.1:{upstream}")):
-            assert _ask(directory, _get(f"http://127.0.0.1:{upstream}/stall")) == b""
-        assert "cap of 0.5 s per connection" in str(_wait_for(records, 1)[0]["reason"])
-    finally:
-        proxy.shutdown()
+def test_the_byte_cap_ends_the_connection(tmp_path: Path, upstream: int, egress_log: list) -> None:
+    answer, reason = _capped(tmp_path, upstream, "/bytes/1000000", egress_log, bytes=100_000)
+    assert answer.startswith(b"HTTP/1.1 200 ") and len(answer) <= 100_000
+    assert "cap of 100000 bytes" in reason
 
 
-def test_the_end_of_the_execution_ends_its_connections(proxy: EgressProxy, upstream: int, records: list) -> None:
+def test_the_time_cap_ends_the_connection(tmp_path: Path, upstream: int, egress_log: list) -> None:
+    answer, reason = _capped(tmp_path, upstream, "/stall", egress_log, connection_time_s=0.5)
+    assert answer == b""
+    assert "cap of 0.5 s per connection" in reason
+
+
+def test_the_end_of_the_execution_ends_its_connections(proxy: EgressProxy, upstream: int, egress_log: list) -> None:
     directory = proxy.open(KEY)
     result: list[bytes] = []
     with proxy.session(KEY, "exec-1", parse_rules(f"127.0.0.1:{upstream}")):
         client = threading.Thread(target=lambda: result.append(_ask(directory, _get(f"http://127.0.0.1:{upstream}/stall"))))
         client.start()
-        _wait_for_connection(upstream_calls=records, proxy=proxy)
+        _wait_for_connection(proxy)
     client.join(20)
     assert result == [b""]
-    assert _wait_for(records, 1)[0]["reason"] == "the execution ended"
+    assert _wait_for(egress_log, 1)[0]["reason"] == "the execution ended"
 
 
-def _wait_for_connection(upstream_calls: list, proxy: EgressProxy) -> None:
+def _wait_for_connection(proxy: EgressProxy) -> None:
     """Until the proxy holds one connection upstream (its execution counted it)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        attached = list(proxy._attached.values())  # noqa: SLF001 - the test looks inside on purpose
+        attached = list(proxy._attached.values())
         if attached and attached[0].connections and attached[0].tasks:
             time.sleep(0.1)  # connected upstream: now in the relay
             return
