@@ -20,6 +20,7 @@ import pytest
 from egress_host import ADDRESS, NAME, TestHost
 
 from execbox.errors import BadRequestError
+from execbox.isolation.seccomp import syscall_number
 from execbox.models import Status
 from execbox.service.egress import ports_in_use
 
@@ -282,3 +283,19 @@ def test_the_time_cap_ends_a_connection(runner: Any, egress_log: list[dict[str, 
     while capped not in [r["reason"] for r in egress_log] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert capped in [r["reason"] for r in egress_log if r["host"] == NAME]
+
+
+def test_a_killed_syscall_still_ends_an_execution_with_egress(runner: Any) -> None:
+    # the bridge must not keep the program's process alive: gVisor's seccomp kills only the
+    # calling thread where Linux kills the process, so the bridge is a process of its own
+    if not runner.inner_wall:
+        pytest.skip("the built-in seccomp filter applies to the inner wall only")
+    code = f"""
+    import ctypes
+    def main():
+        ctypes.CDLL(None).syscall({syscall_number("syslog")}, 0, 0, 0)  # which the filter kills
+        return "survived"
+    """
+    result = runner.run(code)
+    assert result.status is Status.UNAUTHORIZED_ACCESS, runner.describe(result)
+    assert result.detail == "disallowed_syscall"

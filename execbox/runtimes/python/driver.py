@@ -285,19 +285,30 @@ def _bridge(listener, path):
 
 def _start_egress_bridge(request):
     """With egress (``request["egress"]``), listen on the sandbox's own loopback at its port
-    and bridge each connection to the proxy's socket, in a daemon thread; HTTP_PROXY and
-    HTTPS_PROXY (in the request's env) point there. Without egress: nothing at all."""
+    and bridge each connection to the proxy's socket; HTTP_PROXY and HTTPS_PROXY (in the
+    request's env) point there. Without egress: nothing at all.
+
+    The bridge is a forked process holding only the listener, not a thread: the driver stays
+    single-threaded, so a syscall the seccomp filter kills still ends the program (gVisor
+    kills only the calling thread, where Linux kills the whole process)."""
     egress = request.pop("egress", None)
     if not egress:
         return
     import socket
-    import threading
 
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", int(egress["port"])))
     listener.listen(64)
-    threading.Thread(target=_bridge, args=(listener, egress["socket"]), name="execbox-egress", daemon=True).start()
+    if os.fork() == 0:
+        try:
+            kept = listener.fileno()
+            os.closerange(0, kept)  # nothing of the driver: its channels, the program's output
+            os.closerange(kept + 1, 1 << 16)
+            _bridge(listener, egress["socket"])
+        finally:
+            os._exit(0)
+    listener.close()
 
 
 def _run(request):
