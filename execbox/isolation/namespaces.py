@@ -8,7 +8,10 @@ so per-uid limits never couple two sandboxes); no capabilities; no_new_privs; th
 built-in seccomp filter; a cgroup with memory, pids and CPU limits; rlimits (core 0,
 file size, open files, processes, set by prlimit(1) before bwrap starts). bwrap runs
 unprivileged as the sandbox's uid; the host puts the sandbox's init into its cgroup
-while bwrap waits on ``--block-fd``, before any user code exists.
+while bwrap waits on ``--block-fd``, before any user code exists. With egress
+(``spec.egress``) a sandbox also gets its own proxy socket's directory, read-only at
+``EGRESS_DIR``, an up loopback interface (bwrap raises it; the fork server's zygote too)
+and a filter that allows AF_INET/AF_INET6 sockets, which reach nothing but that loopback.
 """
 
 from __future__ import annotations
