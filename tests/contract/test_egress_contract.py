@@ -30,6 +30,7 @@ EGRESS_SETTINGS = {
     "egress_max_connections": 6,
     "egress_max_bytes": 2 << 20,
     "egress_max_connection_time": 4.0,
+    "packages": "any",  # a request with packages runs in a sandbox of its own: egress reaches it too
 }
 
 
@@ -299,3 +300,13 @@ def test_a_killed_syscall_still_ends_an_execution_with_egress(runner: Any) -> No
     result = runner.run(code)
     assert result.status is Status.UNAUTHORIZED_ACCESS, runner.describe(result)
     assert result.detail == "disallowed_syscall"
+
+
+def test_a_request_with_packages_has_egress_too(runner: Any) -> None:
+    code = f"""
+    import requests, tabulate
+    def main():
+        return [tabulate.__version__, requests.get("http://{NAME}/with-packages", timeout=20).text]
+    """
+    result = runner.run(code, packages=("tabulate==0.9.0",))
+    assert _value(runner, result) == ["0.9.0", "hello 80 /with-packages"]
