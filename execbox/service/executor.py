@@ -36,7 +36,7 @@ from execbox.policy import inspect_code
 from execbox.pool import PoolStats, SandboxPool
 from execbox.runtimes import get_runtime
 from execbox.service.backends import select_backend
-from execbox.service.egress import EgressCaps, EgressProxy, execution_rules, with_proxy
+from execbox.service.egress import EgressCaps, EgressMetrics, EgressProxy, execution_rules, with_proxy
 from execbox.service.classify import (
     EXIT_BUSY,
     EXIT_INTERNAL,
@@ -115,6 +115,7 @@ class Executor:
         if self._egress_rules:
             uids = range(settings.uid_base, settings.uid_base + settings.uid_count)
             self.egress = EgressProxy(EgressCaps.from_settings(settings), uids=uids)
+            self.metrics.registry.register(EgressMetrics(self.egress))
 
     def _check_environments(self) -> None:
         self.warnings.extend(check_environments(self.settings, self._languages))

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from egress_host import ADDRESS, NAME, TestHost
+from prometheus_client import generate_latest
 
 from execbox.errors import BadRequestError
 from execbox.isolation.seccomp import syscall_number
@@ -131,6 +132,8 @@ def test_every_attempt_is_logged(runner: Any, egress_log: list[dict[str, Any]]) 
     assert (refused["decision"], refused["port"], refused["status"]) == ("refused", 8080, 403)
     assert allowed["execution_id"] and allowed["sandbox_id"]
     assert runner.executor.egress.stats().allowed >= 1
+    scraped = generate_latest(runner.executor.metrics.registry).decode()
+    assert 'execbox_egress_connections_total{outcome="allowed"}' in scraped
 
 
 def test_another_port_of_the_same_host_is_refused(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ipaddress
 import json
 import logging
@@ -36,6 +37,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,8 @@ class _Execution:
 
     execution_id: str
     rules: tuple[EgressRule, ...]
+    #: the context the execution was attached in (its log lines carry that request's id)
+    context: contextvars.Context | None = None
     connections: int = 0
     bytes: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -194,14 +198,18 @@ class EgressProxy(EgressPorts):
 
     # -- executions ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def session(self, key: str | None, execution_id: str, rules: Sequence[EgressRule]) -> Iterator[None]:
+    def session(
+        self, key: str | None, execution_id: str, rules: Sequence[EgressRule]
+    ) -> contextlib.AbstractContextManager[None]:
         """Attach an execution (its id and rules) to the port ``key`` while it runs; on exit
-        its connections end. Without rules or a port, nothing is attached."""
+        its connections end. Without rules or a port, nothing is attached. The caller's
+        context is kept for the log lines (the request id of the request being served)."""
         if key is None or not rules:
-            yield
-            return
-        execution = _Execution(execution_id, tuple(rules))
+            return contextlib.nullcontext()
+        return self._attached_while(key, _Execution(execution_id, tuple(rules), contextvars.copy_context()))
+
+    @contextlib.contextmanager
+    def _attached_while(self, key: str, execution: _Execution) -> Iterator[None]:
         with self._lock:
             self._attached[key] = execution
         try:
@@ -271,7 +279,7 @@ class EgressProxy(EgressPorts):
             for stream in (writer, upstream):
                 if stream is not None:
                     stream.close()
-            self._count(record, started)
+            self._count(record, started, execution)
 
     def _check_peer(self, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -385,14 +393,18 @@ class EgressProxy(EgressPorts):
             with contextlib.suppress(OSError):
                 sink.write_eof()
 
-    def _count(self, record: dict[str, Any], started: float) -> None:
+    def _count(self, record: dict[str, Any], started: float, execution: _Execution | None) -> None:
         record["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
         with self._lock:
             stats = self._stats
             setattr(stats, record["decision"], getattr(stats, record["decision"]) + 1)
             stats.bytes_up += record["bytes_up"]
             stats.bytes_down += record["bytes_down"]
-        log.info("egress %s", json.dumps(record))
+        line = partial(log.info, "egress %s", json.dumps(record), extra={"egress": record, "summary": "egress"})
+        if execution is not None and execution.context is not None:
+            execution.context.run(line)
+        else:
+            line()
 
 
 async def _cancel_all() -> None:

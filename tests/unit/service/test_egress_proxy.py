@@ -8,7 +8,9 @@ this machine: 169.254.169.254 and the like are refused before any connection is 
 
 from __future__ import annotations
 
+import contextvars
 import http.server
+import logging
 import os
 import shutil
 import socket
@@ -351,3 +353,33 @@ def test_the_counters_are_prometheus_metrics(proxy: EgressProxy, upstream: int) 
     assert 'execbox_egress_connections_total{outcome="allowed"} 1.0' in text
     assert 'execbox_egress_connections_total{outcome="refused"} 1.0' in text
     assert 'execbox_egress_bytes_total{direction="down"}' in text
+
+
+_REQUEST = contextvars.ContextVar("request", default="none")
+
+
+def test_log_lines_are_written_in_the_context_of_the_request(proxy: EgressProxy, upstream: int) -> None:
+    # what api/logs.py's request id filter reads: a context variable of the request being served
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(_REQUEST.get())
+
+    handler, logger = Catch(), logging.getLogger("execbox.egress")
+    logger.addHandler(handler)
+    try:
+        directory = proxy.open(KEY)
+        token = _REQUEST.set("request-7")
+        try:
+            session = proxy.session(KEY, "exec-1", parse_rules(f"127.0.0.1:{upstream}"))
+        finally:
+            _REQUEST.reset(token)
+        with session:  # entered elsewhere (the executor's worker thread) than it was made
+            _ask(directory, _get(f"http://127.0.0.1:{upstream}/"))
+        deadline = time.monotonic() + 20
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["request-7"]
