@@ -5,12 +5,13 @@
 #
 # Three stages on one Debian base, so that the interpreters the runtimes were built with
 # are byte for byte the ones that run them:
-#   system   what the service needs at run time: python3, nodejs, bubblewrap, runsc, tini, and
-#            npm (with the service venv's pip: packages per request, SANDBOX_PACKAGES)
+#   system   what the service needs at run time: python3, nodejs, bubblewrap, runsc, tini
 #   builder  + python3-venv, npm: execbox's venv and the sandboxes' runtime environments
 #            (`execbox build`: numpy/pandas/matplotlib/requests, npm axios)
-#   final    system + the two built trees; no pip in the sandboxes' venv, no compilers,
-#            and none of the packages' own test suites (pandas/tests alone is 39 MB).
+#   final    system + the two built trees + npm from the registry in /opt/npm (Debian's npm
+#            brings 140 MB of node-* packages): npm and the service venv's pip install packages
+#            per request (SANDBOX_PACKAGES), outside the sandboxes; no pip in the sandboxes'
+#            venv, no compilers, and none of the packages' own test suites (pandas/tests alone is 39 MB).
 #
 # Behind a TLS-intercepting proxy, give its CA to the build stage only:
 #   docker build --build-arg EXTRA_CA_CERTS="$(cat proxy-ca.pem)" -t execbox .
@@ -29,7 +30,7 @@ RUN echo 'deb http://deb.debian.org/debian bookworm-backports main' \
         > /etc/apt/preferences.d/execbox-runsc \
  && apt-get update \
  && apt-get install -y --no-install-recommends \
-        python3 nodejs npm bubblewrap libseccomp2 runsc tini \
+        python3 nodejs bubblewrap libseccomp2 runsc tini \
  && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log
 
 FROM system AS builder
@@ -60,6 +61,7 @@ RUN python3 -m venv /opt/execbox/venv \
 COPY execbox/runtimes/python/requirements.txt /tmp/runtime-python/
 RUN /opt/execbox/venv/bin/pip download --quiet --only-binary=:all: -d /wheels \
         -r /tmp/runtime-python/requirements.txt
+RUN npm install --global --prefix /opt/npm --no-audit --no-fund --loglevel=error npm@10.8.2
 COPY execbox/runtimes/nodejs/package*.json /tmp/runtime-nodejs/
 RUN cd /tmp/runtime-nodejs && npm install --omit=dev --no-audit --no-fund --loglevel=error
 COPY README.md /src/
@@ -72,11 +74,12 @@ RUN /opt/execbox/venv/bin/pip install --quiet --no-deps /src \
 
 FROM system
 COPY --from=builder /opt/execbox /opt/execbox
+COPY --from=builder /opt/npm /opt/npm
 COPY --from=builder /var/lib/execbox/runtimes /var/lib/execbox/runtimes
 COPY docker/entrypoint.sh /usr/local/bin/execbox-entrypoint
 # The container listens on every address inside it (it must, to be reachable); which host
 # address publishes it is the compose file's business (SANDBOX_BIND_HOST there).
-ENV PATH=/opt/execbox/venv/bin:$PATH \
+ENV PATH=/opt/execbox/venv/bin:/opt/npm/bin:$PATH \
     SANDBOX_STATE_DIR=/var/lib/execbox \
     SANDBOX_BIND_HOST=0.0.0.0 \
     SANDBOX_EXECUTOR_MANAGER_PORT=9385
