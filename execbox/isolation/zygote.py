@@ -40,11 +40,10 @@ Socket messages (JSON, one per datagram): host -> zygote ``{"op": "init", ...}``
   PID namespace); answered ``{"op": "killed", "id", "confirmed": bool}`` once the init is
   reaped (then no process of that sandbox is left) and, inside gVisor, the control
   channel drained;
-* ``{"op": "usage", "id", "pid"}``: the driver's peak resident memory, answered
-  ``{"op": "usage", "id", "hwm_kb"}``;
 * ``{"op": "collect", "id", "pid"}`` (inside gVisor): copy the regular files directly
   under the sandbox's ``/workspace/artifacts`` (no symlink followed) into the export
-  directory the host reads; answered ``{"op": "collected", "id", "count"}``;
+  directory the host reads; answered ``{"op": "collected", "id", "count", "hwm_kb"}``
+  with the driver's peak resident memory too (one round trip after a run);
 
 zygote -> host: ``{"op": "ready"}``, ``{"op": "spawned", "id", "pid", "init"}`` /
 ``{"op": "error", "id", "message"}``, and ``{"op": "exit", "pid", "status", "maxrss_kb",
@@ -607,11 +606,10 @@ def main():
                 elif op == "kill":
                     confirmed = _kill_guest(config, request, sock, children) if guest else _kill(request, factory)
                     _send(sock, {"op": "killed", "id": request["id"], "confirmed": confirmed})
-                elif op == "usage":
-                    _send(sock, {"op": "usage", "id": request["id"], "hwm_kb": _peak_kb(int(request["pid"]))})
                 elif op == "collect":
+                    hwm_kb = _peak_kb(int(request["pid"]))
                     count = _copy_artifacts(int(request["pid"]), config["export_fd"], own_ns["mnt"])
-                    _send(sock, {"op": "collected", "id": request["id"], "count": count})
+                    _send(sock, {"op": "collected", "id": request["id"], "count": count, "hwm_kb": hwm_kb})
                 else:
                     raise OSError(f"unknown op {op!r}")
             except Exception as exc:
