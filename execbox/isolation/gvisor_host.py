@@ -279,6 +279,7 @@ class GVisorHost:
             except SandboxError as exc:
                 self.finish(execution, tainted=True)
                 raise SandboxStartError(f"inner sandbox {execution_id} did not start: {exc}") from exc
+            execution.waiting()
             return execution
         except BaseException:
             with self._lock:

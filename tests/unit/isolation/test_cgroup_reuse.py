@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from execbox.isolation.cgroups import _REUSE_MAX, CgroupManager
+from execbox.isolation.cgroups import _REUSE_MAX, Cgroup, CgroupManager
 from execbox.isolation.owners import sandbox_name
 
 _ROOT = Path("/sys/fs/cgroup")
@@ -37,22 +37,27 @@ def manager() -> Iterator[CgroupManager]:
             (hierarchy / manager.parent).rmdir()
 
 
+def _acquire(manager: CgroupManager, memory_mib: int = 64, name: str | None = None) -> Cgroup:
+    """A cgroup for a sandbox with these limits (the same pids and CPU limits in every test)."""
+    return manager.acquire(name or sandbox_name("ns"), memory_mib * _MIB, 32, 1.0)
+
+
 def _exists(group_dirs: list[str]) -> list[str]:
     return [path for path in group_dirs if Path(path).exists()]
 
 
-def _busy(group: object, seconds: float = 0.3) -> None:
+def _busy(group: Cgroup, seconds: float = 0.3) -> None:
     """Run a process that burns CPU and memory inside ``group``, then let it exit."""
     child = subprocess.Popen(
         [sys.executable, "-c", f"import time\nb = bytearray(8 << 20)\nt = time.time()\nwhile time.time() - t < {seconds}: pass"]
     )
-    group.attach(child.pid)  # type: ignore[attr-defined]
+    group.attach(child.pid)
     assert child.wait(30) == 0
 
 
 def test_a_released_cgroup_serves_the_next_sandbox_renamed_and_reset(manager: CgroupManager) -> None:
     first_name, second_name = sandbox_name("ns"), sandbox_name("ns")
-    first = manager.acquire(first_name, 64 * _MIB, 32, 1.0)
+    first = _acquire(manager, name=first_name)
     first_dirs = first.procs_files()
     _busy(first)
     first.set_memory_limit(32 * _MIB)  # an execution asked for less
@@ -60,7 +65,7 @@ def test_a_released_cgroup_serves_the_next_sandbox_renamed_and_reset(manager: Cg
     manager.release(first)
     assert not _exists(first_dirs), "the released cgroup still carries its sandbox's name"
 
-    second = manager.acquire(second_name, 64 * _MIB, 32, 1.0)
+    second = _acquire(manager, name=second_name)
     assert second.uses == 2, "the spare cgroup was not reused"
     assert all(second_name in path for path in second.procs_files()) and _exists(second.procs_files())
     memory = next(Path(p).parent for p in second.procs_files() if "/memory/" in p)
@@ -74,18 +79,18 @@ def test_a_released_cgroup_serves_the_next_sandbox_renamed_and_reset(manager: Cg
 
 
 def test_a_process_left_in_a_released_cgroup_is_killed_first(manager: CgroupManager) -> None:
-    group = manager.acquire(sandbox_name("ns"), 64 * _MIB, 32, 1.0)
+    group = _acquire(manager)
     sleeper = subprocess.Popen(["/usr/bin/sleep", "60"])
     group.attach(sleeper.pid)
     manager.release(group)
     assert sleeper.wait(10) == -9, "the process left in the cgroup survived its release"
-    again = manager.acquire(sandbox_name("ns"), 64 * _MIB, 32, 1.0)
+    again = _acquire(manager)
     assert again.uses == 2 and again.pids() == []
     manager.release(again)
 
 
 def test_a_cgroup_that_saw_an_oom_kill_is_removed_not_reused(manager: CgroupManager) -> None:
-    group = manager.acquire(sandbox_name("ns"), 16 * _MIB, 32, 1.0)
+    group = _acquire(manager, 16)
     dirs = group.procs_files()
     hog = subprocess.Popen([sys.executable, "-c", "import time\ntime.sleep(0.2)\nb = bytearray(256 << 20)"])
     group.attach(hog.pid)
@@ -96,36 +101,36 @@ def test_a_cgroup_that_saw_an_oom_kill_is_removed_not_reused(manager: CgroupMana
     assert group.oom_kills() > 0, "the memory hog was not OOM-killed"
     manager.release(group)
     assert not _exists(dirs)
-    fresh = manager.acquire(sandbox_name("ns"), 16 * _MIB, 32, 1.0)
+    fresh = _acquire(manager, 16)
     assert fresh.uses == 1, "a cgroup that OOM-killed was handed out again"
     manager.release(fresh)
 
 
 def test_only_a_cgroup_of_the_same_limits_is_reused(manager: CgroupManager) -> None:
-    group = manager.acquire(sandbox_name("ns"), 64 * _MIB, 32, 1.0)
+    group = _acquire(manager)
     manager.release(group)
-    other = manager.acquire(sandbox_name("ns"), 128 * _MIB, 32, 1.0)
+    other = _acquire(manager, 128)
     assert other.uses == 1
-    same = manager.acquire(sandbox_name("ns"), 64 * _MIB, 32, 1.0)
+    same = _acquire(manager)
     assert same.uses == 2
     manager.release(other)
     manager.release(same)
 
 
 def test_a_cgroup_is_retired_after_its_last_reuse(manager: CgroupManager) -> None:
-    group = manager.acquire(sandbox_name("ns"), 64 * _MIB, 32, 1.0)
+    group = _acquire(manager)
     for _ in range(_REUSE_MAX - 1):
         manager.release(group)
-        group = manager.acquire(sandbox_name("ns"), 64 * _MIB, 32, 1.0)
+        group = _acquire(manager)
     assert group.uses == _REUSE_MAX
     manager.release(group)
-    fresh = manager.acquire(sandbox_name("ns"), 64 * _MIB, 32, 1.0)
+    fresh = _acquire(manager)
     assert fresh.uses == 1, "a cgroup was reused more often than _REUSE_MAX"
     manager.release(fresh)
 
 
 def test_closing_removes_the_spares_and_reap_finds_a_dead_owners_spares(manager: CgroupManager) -> None:
-    group = manager.acquire(sandbox_name("ns"), 64 * _MIB, 32, 1.0)
+    group = _acquire(manager)
     manager.release(group)
     parent_dirs = [h / manager.parent for h in _ROOT.iterdir() if (h / manager.parent).is_dir()]
     spares = [d for parent in parent_dirs for d in parent.iterdir() if d.is_dir()]
