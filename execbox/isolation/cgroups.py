@@ -4,6 +4,18 @@ cgroup v2 is used where the kernel offers its controllers at ``/sys/fs/cgroup``;
 otherwise the v1 hierarchies (``memory``, ``pids``, ``cpu``, ``cpuacct``).
 Every sandbox cgroup lives under one ``execbox`` parent so that start-up can reap what
 a crashed service left behind.
+
+Reuse (v1): making and removing a cgroup in four hierarchies costs more than the rest of
+its bookkeeping (the kernel also offlines each memory cgroup in the background), so
+:meth:`CgroupManager.release` keeps an emptied cgroup as a *spare* for the next sandbox
+with the same limits: it is renamed to a spare name (``cgs-<owner pid>-<random>``, so
+that ``reap`` still finds it) and, when :meth:`CgroupManager.acquire` hands it out,
+renamed after its new sandbox, its limits set again and its peak and CPU counters reset.
+Only a cgroup that is empty (every process of its sandbox is gone), never hit an OOM
+kill and has served fewer than ``_REUSE_MAX`` sandboxes is kept; anything else is
+removed as before. A sandbox sees nothing of its cgroup (a cgroup namespace of its own,
+no cgroupfs mounted), so nothing of one sandbox reaches the next through it. On v2 the
+peak counter cannot be reset, so cgroups are not reused there.
 """
 
 from __future__ import annotations
@@ -13,16 +25,22 @@ import contextlib
 import errno
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 from execbox.errors import BackendUnavailableError, SandboxError
-from execbox.isolation.owners import is_orphan
+from execbox.isolation.owners import is_orphan, sandbox_name
 
 __all__ = ["Cgroup", "CgroupManager"]
 
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 _CPU_PERIOD_US = 100_000
+#: a cgroup serves at most this many sandboxes (the little kernel memory that stays charged
+#: to it after each one, a few hundred KiB, never adds up)
+_REUSE_MAX = 64
+#: spare cgroups kept per set of limits
+_SPARES_MAX = 8
 
 
 def _write(path: Path, value: str) -> None:
@@ -53,6 +71,27 @@ class Cgroup(abc.ABC):
     def __init__(self, name: str) -> None:
         self.name = name
         self._oom_fds: list[int] = []
+        #: how many sandboxes this cgroup has served, and the limits it was made with
+        #: (memory bytes, pids, cpus): both set by CgroupManager for reuse
+        self.uses = 1
+        self.limits: tuple[int, int, float] | None = None
+
+    def _renamed(self, name: str) -> Cgroup:
+        """This cgroup's directories renamed to ``name`` (same parent), as a new object that
+        takes over the OOM notifier; this one is left pointing at the old, gone, names (so a
+        destroyed sandbox's object never reaches the next sandbox's cgroup). SandboxError
+        if the directories cannot be renamed."""
+        raise SandboxError(f"cgroup {self.name} cannot be renamed")
+
+    def _hand_over(self, other: Cgroup) -> Cgroup:
+        other._oom_fds, self._oom_fds = self._oom_fds, []
+        other.uses, other.limits = self.uses, self.limits
+        return other
+
+    def _reset(self, memory_bytes: int) -> bool:
+        """Make a spare cgroup like a new one for its next sandbox: the memory limit, peak
+        and CPU counters; False where that is impossible (it is not reused then)."""
+        return False
 
     @abc.abstractmethod
     def attach(self, pid: int) -> None: ...
@@ -135,6 +174,34 @@ class _CgroupV1(Cgroup):
 
     def _dirs(self) -> list[Path]:
         return list(dict.fromkeys(self._by_controller.values()))
+
+    def threads(self) -> list[int]:
+        # every hierarchy holds the same tasks: one is enough
+        path = self._by_controller.get("cpu") or self._dirs()[0]
+        return sorted(int(t) for t in _read(path / "tasks").split())
+
+    def _renamed(self, name: str) -> Cgroup:
+        renamed: dict[Path, Path] = {}
+        try:
+            for path in self._dirs():
+                renamed[path] = path.with_name(name)
+                os.rename(path, renamed[path])
+        except OSError as exc:
+            for old, new in renamed.items():  # put back what was renamed: one name in every hierarchy
+                with contextlib.suppress(OSError):
+                    os.rename(new, old)
+            raise SandboxError(f"cannot rename cgroup {self.name} to {name}: {exc.strerror}") from exc
+        return self._hand_over(_CgroupV1(name, {c: p.with_name(name) for c, p in self._by_controller.items()}))
+
+    def _reset(self, memory_bytes: int) -> bool:
+        mem = self._by_controller["memory"]
+        self.set_memory_limit(memory_bytes)
+        _write(mem / "memory.max_usage_in_bytes", "0")
+        if (mem / "memory.memsw.max_usage_in_bytes").exists():
+            _write(mem / "memory.memsw.max_usage_in_bytes", "0")
+        if "cpuacct" in self._by_controller:
+            _write(self._by_controller["cpuacct"] / "cpuacct.usage", "0")
+        return True
 
     def attach(self, pid: int) -> None:
         for path in self._dirs():
@@ -239,6 +306,8 @@ class CgroupManager:
         self.parent = parent
         controllers = _read(root / "cgroup.controllers").split()
         self.version = 2 if {"memory", "pids", "cpu"} <= set(controllers) else 1
+        self._spares: dict[tuple[int, int, float], list[Cgroup]] = {}
+        self._lock = threading.Lock()
 
     def check(self) -> None:
         """Raise BackendUnavailableError unless sandbox cgroups can be created here."""
@@ -288,7 +357,62 @@ class CgroupManager:
         except SandboxError:
             group.remove()
             raise
+        group.limits = (memory_bytes, pids_max, cpus)
         return group
+
+    def acquire(self, name: str, memory_bytes: int, pids_max: int, cpus: float) -> Cgroup:
+        """A cgroup named ``name`` with these limits: a spare one (see the module docstring),
+        renamed and reset, or else a new one. Give it back with :meth:`release`."""
+        key = (memory_bytes, pids_max, cpus)
+        while True:
+            with self._lock:
+                spares = self._spares.get(key)
+                group = spares.pop() if spares else None
+            if group is None:
+                return self.create(name, memory_bytes, pids_max, cpus)
+            try:
+                group = group._renamed(name)
+                if group._reset(memory_bytes):
+                    group.uses += 1
+                    return group
+            except SandboxError:
+                pass
+            with contextlib.suppress(SandboxError):
+                group.remove()
+
+    def release(self, group: Cgroup) -> None:
+        """After its sandbox: empty ``group`` (SIGKILL what is left), then keep it as a spare
+        when it can serve another sandbox, else remove it; idempotent like ``remove``."""
+        group.kill_all()
+        key = group.limits
+        spare = (
+            key is not None
+            and self.version == 1
+            and group.uses < _REUSE_MAX
+            and group.oom_kills() == 0
+            and not group.pids()
+        )
+        if spare:
+            with self._lock:
+                spare = len(self._spares.get(key, ())) < _SPARES_MAX
+        if spare:
+            try:
+                renamed = group._renamed(sandbox_name("cgs"))
+            except SandboxError:
+                spare = False
+        if not spare:
+            group.remove()
+            return
+        with self._lock:
+            self._spares.setdefault(key, []).append(renamed)
+
+    def close(self) -> None:
+        """Remove every spare cgroup (the manager may be used again afterwards)."""
+        with self._lock:
+            spares = [g for groups in self._spares.values() for g in groups]
+            self._spares.clear()
+        for group in spares:
+            group.remove()
 
     def reap(self) -> int:
         """Kill and remove the sandbox cgroups whose owner is dead (left by a crash).

@@ -221,17 +221,12 @@ class ForkServer:
             return False
         return bool(reply.get("confirmed"))
 
-    def collect(self, sandbox_id: str, pid: int, timeout_s: float = 40.0) -> int:
+    def collect(self, sandbox_id: str, pid: int, timeout_s: float = 40.0) -> tuple[int, int]:
         """Have the zygote copy the artifacts of the sandbox whose driver is ``pid`` into its
-        export directory (gVisor); returns how many files it copied."""
-        return int(self._ask({"op": "collect", "id": sandbox_id, "pid": pid}, timeout_s=timeout_s)["count"])
-
-    def peak_memory_bytes(self, sandbox_id: str, pid: int) -> int:
-        """The driver's peak resident memory while it is alive (0 once it is gone)."""
-        try:
-            return int(self._ask({"op": "usage", "id": sandbox_id, "pid": pid}, timeout_s=5.0)["hwm_kb"]) * 1024
-        except (SandboxError, KeyError, ValueError):
-            return 0
+        export directory (gVisor); returns how many files it copied and the driver's peak
+        resident memory in bytes (VmHWM; inside gVisor VmRSS, a lower bound)."""
+        reply = self._ask({"op": "collect", "id": sandbox_id, "pid": pid}, timeout_s=timeout_s)
+        return int(reply["count"]), int(reply.get("hwm_kb") or 0) * 1024
 
     def running(self, pid: int) -> bool:
         with self._state:

@@ -314,8 +314,8 @@ class NamespacesBackend(IsolationBackend):
         sandbox_id = sandbox_name("ns")
         uid = self._uids.acquire()
         stack.callback(self._uids.release, uid)
-        cgroup = self._cgroups.create(sandbox_id, spec.memory_bytes, spec.pids_max, spec.cpus)
-        stack.callback(cgroup.remove)
+        cgroup = self._cgroups.acquire(sandbox_id, spec.memory_bytes, spec.pids_max, spec.cpus)
+        stack.callback(self._cgroups.release, cgroup)
         fds: dict[str, int] = {}
         stack.callback(close_all, fds)
         fds["control_r"], fds["control"] = os.pipe()
@@ -443,6 +443,7 @@ class NamespacesBackend(IsolationBackend):
             servers, self._forkservers = list(self._forkservers.values()), {}
         for server in servers:
             server.close()
+        self._cgroups.close()
 
 
 def _await_ready(fds: dict[str, int], spec: SandboxSpec, sandbox_id: str) -> FrameReader:

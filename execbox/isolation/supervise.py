@@ -254,6 +254,7 @@ class SupervisedSandbox(Sandbox):
         self._used = False
         self._cells = False
         self._destroyed = False
+        self._nice = spec.warm_nice
         self._lock = threading.Lock()
         self._run_lock = threading.Lock()
 
@@ -290,13 +291,21 @@ class SupervisedSandbox(Sandbox):
         return self.cgroup.threads()
 
     def _renice(self, nice: int) -> None:
-        """Built at ``spec.warm_nice``, the sandbox runs its program at nice 0 and is torn
-        down at ``warm_nice`` again, so that neither slows the programs that are running."""
-        if not self.spec.warm_nice:
+        """Built at ``spec.warm_nice``, the sandbox runs its program (and, after ``waiting()``,
+        waits for it) at nice 0 and is torn down at ``warm_nice`` again, so that neither
+        building nor tearing down slows the programs that are running."""
+        if not self.spec.warm_nice or nice == self._nice:
             return
+        self._nice = nice
         for tid in self._host_threads():
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
+
+    def waiting(self) -> None:
+        """The driver said ready and the sandbox only waits now: it may wait at nice 0 already,
+        so that a request does not pay for the renice (with gVisor, every thread of the
+        sentry and its stubs)."""
+        self._renice(0)
 
     def alive(self) -> bool:
         return (not self._used or self._cells) and not self._destroyed and self._running()

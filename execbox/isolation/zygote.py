@@ -40,11 +40,10 @@ Socket messages (JSON, one per datagram): host -> zygote ``{"op": "init", ...}``
   PID namespace); answered ``{"op": "killed", "id", "confirmed": bool}`` once the init is
   reaped (then no process of that sandbox is left) and, inside gVisor, the control
   channel drained;
-* ``{"op": "usage", "id", "pid"}``: the driver's peak resident memory, answered
-  ``{"op": "usage", "id", "hwm_kb"}``;
 * ``{"op": "collect", "id", "pid"}`` (inside gVisor): copy the regular files directly
   under the sandbox's ``/workspace/artifacts`` (no symlink followed) into the export
-  directory the host reads; answered ``{"op": "collected", "id", "count"}``;
+  directory the host reads; answered ``{"op": "collected", "id", "count", "hwm_kb"}``
+  with the driver's peak resident memory too (one round trip after a run);
 
 zygote -> host: ``{"op": "ready"}``, ``{"op": "spawned", "id", "pid", "init"}`` /
 ``{"op": "error", "id", "message"}``, and ``{"op": "exit", "pid", "status", "maxrss_kb",
@@ -79,6 +78,7 @@ MNT_DETACH = 2
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 _IFREQ = "16sH22x"  # struct ifreq: the name, then ifr_flags in the 24-byte union
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 24, 38, 22, 2
+PR_CAPBSET_READ = 23
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _RLIMITS = {"nproc": resource.RLIMIT_NPROC, "core": resource.RLIMIT_CORE,
             "fsize": resource.RLIMIT_FSIZE, "nofile": resource.RLIMIT_NOFILE}
@@ -203,9 +203,8 @@ def _child(config, request, fds, driver):
     os.closerange(5, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     for name, value in request["rlimits"].items():
         resource.setrlimit(_RLIMITS[name], (value, value))
-    for cap in range(64):  # empty the bounding set too: nothing can ever regain a capability
-        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 and ctypes.get_errno() == errno.EINVAL:
-            break
+    for cap in config["bounding"]:  # empty the bounding set too: nothing can ever regain a capability
+        _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap} from the bounding set")
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # from root to a plain uid: every capability is dropped
@@ -224,6 +223,21 @@ def _child(config, request, fds, driver):
     os.environ.clear()
     os.environ.update(config["env"])
     driver.serve(control, events)
+
+
+def _bounding_set():
+    """The capabilities in this process's bounding set (a child's can only be smaller), so
+    that a child empties its own with one prctl per capability held, not one per number
+    (inside gVisor, where the zygote holds a few, each call is a round trip to the sentry)."""
+    try:
+        with open("/proc/self/status") as fh:
+            mask = next(int(line.split()[1], 16) for line in fh if line.startswith("CapBnd:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = (1 << 64) - 1
+    caps = [cap for cap in range(64) if mask >> cap & 1]
+    while caps and _libc.prctl(PR_CAPBSET_READ, caps[-1], 0, 0, 0) < 0:  # beyond this kernel's last
+        caps.pop()
+    return caps
 
 
 def _clone(flags):
@@ -520,6 +534,7 @@ def main():
     config = json.loads(sock.recv(1 << 22))
     _set_title(config.get("title") or "sandbox-init")
     config["filter"] = base64.b64decode(config["filter"])
+    config["bounding"] = _bounding_set()
     SYSCALLS.update(config["syscalls"])
     if config.get("export"):
         config["export_fd"] = os.open(config["export"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -607,11 +622,10 @@ def main():
                 elif op == "kill":
                     confirmed = _kill_guest(config, request, sock, children) if guest else _kill(request, factory)
                     _send(sock, {"op": "killed", "id": request["id"], "confirmed": confirmed})
-                elif op == "usage":
-                    _send(sock, {"op": "usage", "id": request["id"], "hwm_kb": _peak_kb(int(request["pid"]))})
                 elif op == "collect":
+                    hwm_kb = _peak_kb(int(request["pid"]))
                     count = _copy_artifacts(int(request["pid"]), config["export_fd"], own_ns["mnt"])
-                    _send(sock, {"op": "collected", "id": request["id"], "count": count})
+                    _send(sock, {"op": "collected", "id": request["id"], "count": count, "hwm_kb": hwm_kb})
                 else:
                     raise OSError(f"unknown op {op!r}")
             except Exception as exc:
