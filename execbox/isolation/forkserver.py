@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from execbox.errors import SandboxError, SandboxStartError
-from execbox.isolation.hostproc import close_all, read_available
+from execbox.isolation.hostproc import close_all, kill_pidfd, read_available
 from execbox.isolation.rootfs import PlanStep
 from execbox.isolation.seccomp import syscall_number
 from execbox.runtimes import WORKSPACE
 
-__all__ = ["PROBE_PLAN", "ZYGOTE", "DriverExit", "ForkServer", "Launcher", "exit_pair"]
+__all__ = ["PROBE_PLAN", "ZYGOTE", "DriverExit", "ForkServer", "Launcher", "exit_pair", "zygote_launcher"]
 
 log = logging.getLogger("execbox.forkserver")
 
@@ -242,6 +243,22 @@ class ForkServer:
         finally:
             close_all(fds)
 
+    def init_killer(self, fds: dict[str, int], sandbox_id: str, pid: int, init_pid: int, uid: int) -> Callable[[], None]:
+        """What SIGKILLs a sandbox's init, whose death ends its namespaces: a pidfd (kept in
+        ``fds``, race-free) or, where the kernel has none (gVisor), the zygote, whose own
+        child (or its factory's) the init is, so that its pid cannot have been reused."""
+        try:
+            fds["init_pidfd"] = pidfd = os.pidfd_open(init_pid)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise SandboxStartError(f"sandbox {sandbox_id}: its init is gone ({exc})") from exc
+
+            def through_zygote() -> None:
+                self.kill(sandbox_id, pid, init_pid, uid)  # unconfirmed: the cgroup's removal kills the rest
+
+            return through_zygote
+        return lambda: kill_pidfd(pidfd)
+
     def kill(self, sandbox_id: str, pid: int, init_pid: int, uid: int, timeout_s: float = 10.0) -> bool:
         """SIGKILL a sandbox's driver and init; True once the init is reaped (nothing of the
         sandbox is left), False when the zygote could not confirm it."""
@@ -293,6 +310,22 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def zygote_launcher(interpreter: Path, env: Mapping[str, str]) -> Launcher:
+    """Starts a zygote on the host, run by ``interpreter`` with environment ``env``."""
+
+    def launch(sock_fd: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [str(interpreter), "-I", "-B", str(ZYGOTE)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            pass_fds=(sock_fd,),
+            env={**env, "EXECBOX_ZYGOTE_FD": str(sock_fd)},
+            start_new_session=True,
+        )
+
+    return launch
 
 
 def exit_pair(status: int) -> tuple[int | None, int | None]:

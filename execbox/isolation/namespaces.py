@@ -25,8 +25,6 @@ limit is then kept by a :class:`~execbox.isolation.memwatch.MemoryWatch`.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import subprocess
@@ -39,7 +37,7 @@ from typing import Any
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
-from execbox.isolation.forkserver import PROBE_PLAN, ZYGOTE, ForkServer, exit_pair
+from execbox.isolation.forkserver import PROBE_PLAN, ForkServer, exit_pair, zygote_launcher
 from execbox.isolation.memwatch import WATCH_INTERVAL_S, MemoryWatch, cgroups_enforce_memory
 from execbox.isolation.hostproc import (
     close_all,
@@ -53,6 +51,7 @@ from execbox.isolation.protocol import FrameReader
 from execbox.isolation.rootfs import PlanStep, egress_step, mount_plan, publish_etc
 from execbox.isolation.seccomp import build_filter_fd
 from execbox.isolation.supervise import SupervisedSandbox, wait_ready
+from execbox.isolation.uids import UID_LOCK_DIR, UidAllocator
 from execbox.models import Limits
 from execbox.runtimes import (
     CONTROL_FD_ENV,
@@ -65,46 +64,9 @@ from execbox.runtimes import (
 __all__ = ["UID_LOCK_DIR", "NamespacesBackend", "NamespacesSandbox", "UidAllocator"]
 
 _BWRAP = "/usr/bin/bwrap"
-#: host-wide uid claims (a tmpfs: emptied at boot, like the claims themselves)
-UID_LOCK_DIR = Path("/run/execbox/uids")
 _PRLIMIT = "/usr/bin/prlimit"
 _SETPRIV = "/usr/bin/setpriv"
 _NICE = "/usr/bin/nice"
-class UidAllocator:
-    """Hands out one host uid per live sandbox from a fixed range (thread-safe).
-
-    A uid is also claimed host-wide with an ``flock`` on ``<lock_dir>/<uid>``, held while
-    the sandbox lives (the kernel drops it if the process dies), so two execbox processes
-    on one host (a service, ``execbox run``, a test suite) never share a uid, and per-uid
-    limits such as RLIMIT_NPROC never couple their sandboxes.
-    """
-
-    def __init__(self, base: int, count: int, lock_dir: Path) -> None:
-        self._free = list(range(base + count - 1, base - 1, -1))
-        self._held: dict[int, int] = {}
-        self._lock_dir = lock_dir
-        self._lock = threading.Lock()
-
-    def acquire(self) -> int:
-        with self._lock:
-            self._lock_dir.mkdir(parents=True, exist_ok=True)
-            for _ in range(len(self._free)):
-                uid = self._free.pop()
-                fd = os.open(self._lock_dir / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # another execbox process holds it
-                    os.close(fd)
-                    self._free.insert(0, uid)
-                    continue
-                self._held[uid] = fd
-                return uid
-            raise SandboxStartError("no free sandbox uid; raise SANDBOX_UID_COUNT")
-
-    def release(self, uid: int) -> None:
-        with self._lock:
-            os.close(self._held.pop(uid))
-            self._free.append(uid)
 
 
 class NamespacesSandbox(SupervisedSandbox):
@@ -258,7 +220,7 @@ class NamespacesBackend(IsolationBackend):
         root = self._state_dir / "root"
         root.mkdir(parents=True, exist_ok=True)
         server = ForkServer(
-            self._launcher(Path(SYSTEM_PYTHON), {}), root_dir=str(root), plan=PROBE_PLAN,
+            zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=str(root), plan=PROBE_PLAN,
             seccomp_bpf=self._filter(inet=False), env={}, loopback=True, preload="", driver=None,
             exec_argv=["/usr/bin/true"],
         )  # fmt: skip
@@ -357,7 +319,7 @@ class NamespacesBackend(IsolationBackend):
             root = self._state_dir / "root"
             root.mkdir(parents=True, exist_ok=True)
             server = ForkServer(
-                self._launcher(interpreter, env),
+                zygote_launcher(interpreter, env),
                 root_dir=str(root),
                 plan=mount_plan(spec, self._etc(), target),
                 seccomp_bpf=self._filter(spec.egress is not None),
@@ -371,22 +333,6 @@ class NamespacesBackend(IsolationBackend):
             server.start()
             self._forkservers[key] = server
             return server
-
-    @staticmethod
-    def _launcher(interpreter: Path, env: dict[str, str]) -> Callable[[int], subprocess.Popen[bytes]]:
-        """Starts a zygote run by ``interpreter`` with environment ``env``."""
-
-        def launch(sock_fd: int) -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                [str(interpreter), "-I", "-B", str(ZYGOTE)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                pass_fds=(sock_fd,),
-                env={**env, "EXECBOX_ZYGOTE_FD": str(sock_fd)},
-                start_new_session=True,
-            )
-
-        return launch
 
     def _allocate(
         self, stack: contextlib.ExitStack, spec: SandboxSpec
@@ -419,12 +365,16 @@ class NamespacesBackend(IsolationBackend):
         server = self._forkserver(spec)
         with contextlib.ExitStack() as stack:
             sandbox_id, uid, cgroup, fds, extra = self._allocate(stack, spec)
-            rlimits = {"nproc": spec.pids_max, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
+            # unshare mode is gVisor's kernel, which does not count a process's first thread
+            # against RLIMIT_NPROC as Linux does (nor threads in pids.max): one less keeps
+            # "processes + threads <= SANDBOX_MAX_PIDS" the same on both, as in gvisor_host
+            nproc = max(1, spec.pids_max - 1) if server.pid_namespaces == "unshare" else spec.pids_max
+            rlimits = {"nproc": nproc, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
             child_ends = [fds["control_r"], fds["events_w"], fds["stdout_w"], fds["stderr_w"]]
             pid, init_pid = server.spawn(sandbox_id, uid, cgroup.procs_files(), rlimits, child_ends, extra)
             for name in ("control_r", "events_w", "stdout_w", "stderr_w"):
                 os.close(fds.pop(name))
-            kill = self._init_killer(fds, server, sandbox_id, pid, init_pid, uid)
+            kill = server.init_killer(fds, sandbox_id, pid, init_pid, uid)
 
             def reap() -> None:
                 kill()
@@ -453,26 +403,6 @@ class NamespacesBackend(IsolationBackend):
             release=release,
             watch_memory=self._watch_memory,
         )
-
-    @staticmethod
-    def _init_killer(
-        fds: dict[str, int], server: ForkServer, sandbox_id: str, pid: int, init_pid: int, uid: int
-    ) -> Callable[[], None]:
-        """SIGKILLs a forked sandbox's init, whose death ends its namespaces: through a pidfd
-        (race-free), or where the kernel has none (gVisor) through the zygote, whose own
-        child (or its factory's) the init is, so its pid cannot have been reused."""
-        try:
-            fds["init_pidfd"] = pidfd = os.pidfd_open(init_pid)
-        except OSError as exc:
-            if exc.errno != errno.ENOSYS:
-                raise SandboxStartError(f"sandbox {sandbox_id}: its init is gone ({exc})") from exc
-
-
-            def through_zygote() -> None:
-                server.kill(sandbox_id, pid, init_pid, uid)  # unconfirmed: the cgroup's removal kills the rest
-
-            return through_zygote
-        return lambda: kill_pidfd(pidfd)
 
     def _create_bwrap(self, spec: SandboxSpec) -> Sandbox:
         with contextlib.ExitStack() as stack:

@@ -86,6 +86,7 @@ class Pod:
     name: str
     runsc_root: Path
     log: Path
+    process: subprocess.Popen[bytes] | None = None
 
     def runsc(self, *args: str, check: bool = True, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
         return _sh(RUNSC, "--root", str(self.runsc_root), *args, check=check, timeout_s=timeout_s)
@@ -169,7 +170,7 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
     _bundle(work / "bundle", settings)
     pod = Pod(f"execbox-nested-{os.getpid()}", work / "runsc", work / "pod.log")
     with pod.log.open("wb") as log:
-        process = subprocess.Popen(
+        pod.process = process = subprocess.Popen(
             [RUNSC, "--root", str(pod.runsc_root), "--network=none", "run", "--bundle", str(work / "bundle"), pod.name],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -193,7 +194,8 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
 
 def _stop(pod: Pod, process: subprocess.Popen[bytes]) -> None:
     """SIGTERM to execbox (it destroys its sandboxes and exits), then the sandbox goes."""
-    pod.runsc("kill", pod.name, "TERM", check=False)
+    if process.poll() is None:
+        pod.runsc("kill", pod.name, "TERM", check=False)
     try:
         process.wait(60)
     except subprocess.TimeoutExpired:
@@ -360,3 +362,55 @@ def test_session_files_never_follow_a_symlink_into_the_pod(pod: Pod, pod_secret:
         assert left == ["secret.csv"], left
     finally:
         pod.http("DELETE", base)
+
+
+def test_execbox_run_refuses_bwrap_and_runs_with_the_fork_server(pod: Pod) -> None:
+    pod.runsc("exec", pod.name, "/bin/sh", "-c", "printf 'def main():\\n    return 6 * 7\\n' > /tmp/answer.py")
+
+    def execbox_run(*settings: str) -> subprocess.CompletedProcess[str]:
+        return pod.runsc(
+            "exec", "--cwd", str(REPO), pod.name, "/usr/bin/env", "SANDBOX_BACKEND=namespaces", *settings,
+            sys.executable, "-m", "execbox.cli", "run", "/tmp/answer.py", check=False, timeout_s=300,
+        )  # fmt: skip
+
+    # `execbox run` picks bwrap for one execution, which gVisor's kernel cannot run: said so
+    refused = execbox_run()
+    assert refused.returncode == 1, refused
+    assert "bwrap cannot build a sandbox on this kernel (the kernel is gVisor's" in refused.stderr, refused.stderr
+    assert "set SANDBOX_FORKSERVER=true" in refused.stderr, refused.stderr
+    done = execbox_run("SANDBOX_FORKSERVER=true")
+    assert done.returncode == 0, done
+    answer = json.loads(done.stdout)
+    assert (answer["status"], answer["result"]["value"]) == ("success", 42), answer
+
+
+def _sandbox_inits_and_cgroups(pod: Pod) -> tuple[int, list[str]]:
+    """(sandbox inits running in the pod, sandbox cgroups there): one each per live sandbox."""
+    inits = sum(1 for line in pod.processes() if line.split() == ["nobody", "sandbox-init"])
+    listing = pod.runsc("exec", pod.name, "/bin/ls", "/sys/fs/cgroup/pids/execbox", check=False).stdout.split()
+    return inits, [name for name in listing if name.startswith("ns-")]
+
+
+def test_zz_nothing_is_left_behind(pod: Pod) -> None:
+    """Last: in the pod, one init per live sandbox (none of an ended one lingers); then SIGTERM
+    stops execbox cleanly, and nothing of the pod is left on the host."""
+    deadline = time.monotonic() + 30
+    while (seen := _sandbox_inits_and_cgroups(pod))[0] != len(seen[1]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert seen[0] == len(seen[1]) and seen[1], f"sandbox inits {seen[0]} for live sandboxes {seen[1]}"
+    assert pod.process is not None
+    pod.runsc("kill", pod.name, "TERM")
+    # uvicorn raises SIGTERM again once it has shut down cleanly: 143 (128 + 15)
+    assert pod.process.wait(60) in (0, 143), pod.said()
+    assert "Application shutdown complete" in pod.said(), pod.said()
+    pod.runsc("delete", "--force", pod.name, check=False)
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and pod.name.encode() in _cmdline(p)]
+    assert not left, f"processes of the pod left on the host: {left}"
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/{pod.name}")), "the pod's host cgroups are left"
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
