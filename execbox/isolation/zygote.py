@@ -424,13 +424,15 @@ def _uid_left(uid):
     return False
 
 
-def _kill_guest(config, request, sock, children):
+def _kill_guest(config, request, sock, children, inits):
     """End one sandbox in unshare mode: SIGKILL its init and driver, reap both (reporting
     the driver's exit), wait until no process of its uid is left (gVisor kills the rest of
     a PID namespace when its init dies, but does not wait for them) and, inside gVisor,
     drain its control channel (the next sandbox reads the same one). True when all of that
-    was confirmed."""
-    pids = [int(request["pid"]), int(request["init"])]
+    was confirmed. Only this process's unreaped children are signalled: a reaped pid may
+    belong to another process already."""
+    driver = int(request["pid"])
+    pids = [pid for pid in (driver, int(request["init"])) if pid in children or pid in inits]
     _kill_all(pids)
     deadline = time.monotonic() + 5.0
     for pid in pids:
@@ -441,7 +443,8 @@ def _kill_guest(config, request, sock, children):
                 break  # reaped (and reported) by the main loop already
             if done == pid:
                 children.discard(pid)
-                if pid == pids[0]:
+                inits.discard(pid)
+                if pid == driver:
                     _report(sock, pid, status, usage)
                 break
             time.sleep(0.001)
@@ -557,7 +560,7 @@ def main():
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")
     sock = socket.socket(fileno=int(os.environ.pop("EXECBOX_ZYGOTE_FD")))
     sock.set_inheritable(False)  # no init or exec'd driver gets it
-    children = set()
+    children, inits = set(), set()  # drivers; inits (unshare mode)
     config = json.loads(sock.recv(1 << 22))
     _set_title(config.get("title") or "sandbox-init")
     config["filter"] = base64.b64decode(config["filter"])
@@ -620,6 +623,7 @@ def main():
                 except BlockingIOError:
                     break
             for pid, status, usage in _reaped():
+                inits.discard(pid)
                 if pid in children:  # a driver (not an init, nor an orphan of gVisor's)
                     children.discard(pid)
                     _report(sock, pid, status, usage)
@@ -645,10 +649,11 @@ def main():
                         pid, init_pid = _spawn(config, request, channel, factory, own_ns, driver)
                     else:
                         pid, init_pid = _spawn_guest(config, request, channel, driver)
+                        inits.add(init_pid)
                     children.add(pid)
                     _send(sock, {"op": "spawned", "id": request["id"], "pid": pid, "init": init_pid})
                 elif op == "kill":
-                    confirmed = _kill(request, factory) if pid_setns else _kill_guest(config, request, sock, children)
+                    confirmed = _kill(request, factory) if pid_setns else _kill_guest(config, request, sock, children, inits)
                     _send(sock, {"op": "killed", "id": request["id"], "confirmed": confirmed})
                 elif op == "usage":
                     _send(sock, {"op": "usage", "id": request["id"], "hwm_kb": _peak_kb(int(request["pid"]))})
