@@ -18,8 +18,11 @@ same on one machine. It starts ``python -m execbox.cli serve`` as the first proc
 and checks what the overlay promises through the service's HTTP API: ready with the
 namespaces backend (fork server, in its unshare mode), Python and Node.js run, a forbidden
 syscall is a SIGSYS verdict, a memory hog is a memory verdict, a sandbox's network is
-a loopback of its own (not the pod's, where execbox listens), and an execution finds
-nothing of the one before it. Skipped only when ``runsc`` is not installed.
+a loopback of its own (not the pod's, where execbox listens), an execution finds nothing
+of the one before it, artifacts and session files never follow a symlink into the pod
+(gVisor follows one given O_DIRECTORY | O_NOFOLLOW), ``execbox run`` refuses bwrap there
+and runs with the fork server, and nothing is left behind in the pod or on the host.
+Skipped only when ``runsc`` is not installed (or the tests do not run as root).
 """
 
 from __future__ import annotations
@@ -62,6 +65,20 @@ try:
 except urllib.error.HTTPError as exc:
     status, text = exc.code, exc.read().decode()
 print(json.dumps({"status": status, "body": text}))
+"""
+#: prints the (uid, command line) of every process it sees, as JSON
+PROCESSES = """
+import json, os
+found = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            uid = next(int(line.split()[1]) for line in fh if line.startswith("Uid:"))
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            found.append((uid, fh.read().replace(b"\\0", b" ").decode(errors="replace").strip()))
+    except (OSError, StopIteration):
+        pass
+print(json.dumps(found))
 """
 
 
@@ -108,10 +125,10 @@ class Pod:
     def said(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
-    def processes(self) -> list[str]:
-        """The command lines of every process in the pod (its PID namespace is gVisor's)."""
-        done = self.runsc("exec", self.name, "/usr/bin/ps", "-eo", "user,args", "--no-headers")
-        return done.stdout.splitlines()
+    def processes(self) -> list[tuple[int, str]]:
+        """(uid, command line) of every process in the pod (whose PID namespace is gVisor's)."""
+        done = self.runsc("exec", self.name, "/usr/bin/python3", "-I", "-c", PROCESSES)
+        return [(int(uid), cmdline) for uid, cmdline in json.loads(done.stdout)]
 
 
 def _bundle(directory: Path, settings: Settings) -> None:
@@ -314,10 +331,10 @@ def main():
     assert seen["pid"] == 2, second  # pid 1 is the sandbox's init: a PID namespace of its own
     # and in the pod: the first sandbox's process is gone with its sandbox
     deadline = time.monotonic() + 30
-    while [line for line in pod.processes() if "sleep 313" in line] and time.monotonic() < deadline:
+    while [c for _, c in pod.processes() if "sleep 313" in c] and time.monotonic() < deadline:
         time.sleep(1)
     left = pod.processes()
-    assert not [line for line in left if "sleep 313" in line], left
+    assert not [c for _, c in left if "sleep 313" in c], left
 
 
 @pytest.fixture
@@ -386,7 +403,7 @@ def test_execbox_run_refuses_bwrap_and_runs_with_the_fork_server(pod: Pod) -> No
 
 def _sandbox_inits_and_cgroups(pod: Pod) -> tuple[int, list[str]]:
     """(sandbox inits running in the pod, sandbox cgroups there): one each per live sandbox."""
-    inits = sum(1 for line in pod.processes() if line.split() == ["nobody", "sandbox-init"])
+    inits = sum(1 for uid, cmdline in pod.processes() if (uid, cmdline) == (65534, "sandbox-init"))
     listing = pod.runsc("exec", pod.name, "/bin/ls", "/sys/fs/cgroup/pids/execbox", check=False).stdout.split()
     return inits, [name for name in listing if name.startswith("ns-")]
 
