@@ -350,10 +350,12 @@ def _fork_driver(config, request, fds, driver, unshare_flags=0):
             _child(config, request, fds, driver)
             code = 0
         except BaseException as exc:
-            try:
-                os.write(fds[3], f"execbox: sandbox setup failed: {exc}\n".encode())
-            except OSError:
-                pass
+            for fd in (fds[3], 2):  # the stderr channel; at fd 2 only once it has been renumbered
+                try:
+                    os.write(fd, f"execbox: sandbox setup failed: {exc}\n".encode())
+                    break
+                except OSError:
+                    continue
         finally:
             os._exit(code)
     return pid
