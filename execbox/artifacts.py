@@ -1,8 +1,9 @@
 """Collect the files a program saved under ``artifacts/`` in its working directory.
 
 Read from the host side through a directory fd of the live sandbox's workspace,
-component by component with O_NOFOLLOW: a symlink (to /etc/passwd or anywhere) yields
-nothing, and so does anything that is not a regular file. Allowed: .png .jpg .jpeg
+component by component with O_NOFOLLOW (the directory through
+``open_dir_nofollow``, which holds on gVisor's kernel too): a symlink (to /etc/passwd or
+anywhere) yields nothing, and so does anything that is not a regular file. Allowed: .png .jpg .jpeg
 .svg .pdf .csv .json .html; at most 10 files of at most 10 MiB each (sorted by name).
 
 What is left out is said, not dropped in silence: :func:`collect_artifacts_report` also
@@ -19,6 +20,7 @@ import os
 import stat
 from types import MappingProxyType
 
+from execbox.isolation.hostproc import open_dir_nofollow
 from execbox.models import Artifact, SkippedArtifact
 
 __all__ = [
@@ -101,7 +103,7 @@ def artifact_stamps(workspace_fd: int) -> dict[str, Stamp]:
     """The stamp of every entry under ``artifacts/`` (a session's cell returns only the
     files whose stamp changed while it ran)."""
     try:
-        dir_fd = os.open(ARTIFACTS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=workspace_fd)
+        dir_fd = open_dir_nofollow(ARTIFACTS_DIR, workspace_fd)
     except OSError:
         return {}
     stamps: dict[str, Stamp] = {}
@@ -121,7 +123,7 @@ def collect_artifacts_report(
     """The artifacts, and the files under ``artifacts/`` left out with the reason; with
     ``unchanged`` (from :func:`artifact_stamps`), files still as stamped there are passed over."""
     try:
-        dir_fd = os.open(ARTIFACTS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=workspace_fd)
+        dir_fd = open_dir_nofollow(ARTIFACTS_DIR, workspace_fd)
     except OSError:
         return (), ()
     found: list[Artifact] = []

@@ -75,8 +75,10 @@ def run(
     from execbox.service.executor import Executor
 
     # one execution: a bwrap sandbox starts faster than the fork server preloads its modules
-    overrides: dict[str, Any] = {"forkserver": False, **({"backend": backend} if backend else {})}
-    settings = _settings(**overrides)
+    # (unless SANDBOX_FORKSERVER says which: on gVisor's kernel only the fork server works)
+    settings = _settings(**({"backend": backend} if backend else {}))
+    if "forkserver" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"forkserver": False})
     lang = language or ("nodejs" if file.suffix in (".js", ".mjs", ".cjs") else "python")
     try:
         arguments = json.loads(args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from execbox.errors import SandboxError, SandboxStartError
+from execbox.isolation.hostproc import close_all, kill_pidfd, read_available
 from execbox.isolation.rootfs import PlanStep
 from execbox.isolation.seccomp import syscall_number
+from execbox.runtimes import WORKSPACE
 
-__all__ = ["ZYGOTE", "DriverExit", "ForkServer", "Launcher", "exit_pair"]
+__all__ = ["PROBE_PLAN", "ZYGOTE", "DriverExit", "ForkServer", "Launcher", "exit_pair", "zygote_launcher"]
 
 log = logging.getLogger("execbox.forkserver")
 
@@ -38,6 +41,11 @@ log = logging.getLogger("execbox.forkserver")
 ZYGOTE = Path(__file__).resolve().parent / "zygote.py"
 #: starts the zygote given the fd of its end of the socket; returns its process
 Launcher = Callable[[int], "subprocess.Popen[bytes]"]
+#: the file system of a start-up check's sandbox (see ``ForkServer.probe``; a merged-/usr root)
+PROBE_PLAN: list[PlanStep] = [
+    ("ro-bind", "/usr", "/usr"), ("symlink", "usr/bin", "/bin"), ("symlink", "usr/lib", "/lib"),
+    ("symlink", "usr/lib64", "/lib64"), ("proc", "/proc", ""), ("dev", "/dev", ""), ("tmpfs", WORKSPACE, str(1 << 20)),
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ class ForkServer:
             "nice": nice,
             "channel": list(channel) if channel else None,
             "export": export_dir,
-            "syscalls": {name: syscall_number(name) for name in ("clone", "pivot_root")},
+            "syscalls": {name: syscall_number(name) for name in ("clone", "pivot_root", "prctl")},
             "title": "sandbox-init",
         }
         self._sock: socket.socket | None = None
@@ -95,6 +103,9 @@ class ForkServer:
         self._exits: dict[int, DriverExit] = {}
         self._alive = False
         self._closing = False
+        #: how the zygote puts sandboxes into PID namespaces: "setns", or "unshare" where
+        #: the kernel (gVisor's) has no setns for them (see isolation/zygote.py)
+        self.pid_namespaces = ""
 
     @property
     def alive(self) -> bool:
@@ -116,6 +127,7 @@ class ForkServer:
             reply = json.loads(parent.recv(65536) or b"{}")
             if reply.get("op") != "ready":
                 raise SandboxStartError(f"the fork server did not start (exit {self.process.poll()})")
+            self.pid_namespaces = str(reply.get("pidns", ""))
             parent.settimeout(None)
         except (OSError, ValueError, SandboxStartError) as exc:
             parent.close()
@@ -211,6 +223,42 @@ class ForkServer:
             raise SandboxStartError(str(exc)) from exc
         return int(reply["pid"]), int(reply["init"])
 
+    def probe(self, sandbox_id: str, uid: int, cgroup_procs: list[str], timeout_s: float = 30.0) -> str:
+        """Build one sandbox, whose program (``exec_argv``) must exit 0, and end it: the
+        start-up check. Returns "" or why it failed (what it said on stderr)."""
+        fds: dict[str, int] = {}
+        try:
+            for name in ("control", "events", "stdout", "stderr"):
+                fds[f"{name}_r"], fds[f"{name}_w"] = os.pipe()
+            ends = [fds.pop("control_r"), fds.pop("events_w"), fds.pop("stdout_w"), fds.pop("stderr_w")]
+            try:
+                pid, init_pid = self.spawn(sandbox_id, uid, cgroup_procs, {"core": 0}, ends)
+            finally:
+                for fd in ends:
+                    os.close(fd)
+            status = self.wait_exit(pid, timeout_s).status
+            self.kill(sandbox_id, pid, init_pid, uid)
+            self.forget(pid)
+            return "" if status == 0 else read_available(fds["stderr_r"]) or f"wait status {status}"
+        finally:
+            close_all(fds)
+
+    def init_killer(self, fds: dict[str, int], sandbox_id: str, pid: int, init_pid: int, uid: int) -> Callable[[], None]:
+        """What SIGKILLs a sandbox's init, whose death ends its namespaces: a pidfd (kept in
+        ``fds``, race-free) or, where the kernel has none (gVisor), the zygote, whose own
+        child (or its factory's) the init is, so that its pid cannot have been reused."""
+        try:
+            fds["init_pidfd"] = pidfd = os.pidfd_open(init_pid)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise SandboxStartError(f"sandbox {sandbox_id}: its init is gone ({exc})") from exc
+
+            def through_zygote() -> None:
+                self.kill(sandbox_id, pid, init_pid, uid)  # unconfirmed: the cgroup's removal kills the rest
+
+            return through_zygote
+        return lambda: kill_pidfd(pidfd)
+
     def kill(self, sandbox_id: str, pid: int, init_pid: int, uid: int, timeout_s: float = 10.0) -> bool:
         """SIGKILL a sandbox's driver and init; True once the init is reaped (nothing of the
         sandbox is left), False when the zygote could not confirm it."""
@@ -257,6 +305,22 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def zygote_launcher(interpreter: Path, env: Mapping[str, str]) -> Launcher:
+    """Starts a zygote on the host, run by ``interpreter`` with environment ``env``."""
+
+    def launch(sock_fd: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [str(interpreter), "-I", "-B", str(ZYGOTE)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            pass_fds=(sock_fd,),
+            env={**env, "EXECBOX_ZYGOTE_FD": str(sock_fd)},
+            start_new_session=True,
+        )
+
+    return launch
 
 
 def exit_pair(status: int) -> tuple[int | None, int | None]:

@@ -7,12 +7,15 @@ import ctypes
 import errno
 import os
 import signal
+import stat
 import subprocess
 from pathlib import Path
 
 from execbox.errors import SandboxError, SandboxStartError
 
-__all__ = ["close_all", "kill_pidfd", "kill_process", "mount_tmpfs", "read_available", "remove_workspace"]
+__all__ = [
+    "close_all", "kill_pidfd", "kill_process", "mount_tmpfs", "open_dir_nofollow", "read_available", "remove_workspace",
+]  # fmt: skip
 
 _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 0x2, 0x4, 0x2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -37,6 +40,21 @@ def kill_pidfd(pidfd: int) -> None:
     """SIGKILL the process behind a pidfd (race-free: the pid cannot have been reused)."""
     with contextlib.suppress(ProcessLookupError, OSError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def open_dir_nofollow(name: str, dir_fd: int) -> int:
+    """``open(name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, dir_fd=dir_fd)``, also on
+    a kernel that follows a symlink there despite O_NOFOLLOW (gVisor's, 2024-07, when
+    O_DIRECTORY is given): the name itself is opened (O_PATH | O_NOFOLLOW) and refused with
+    ENOTDIR unless it is a directory, then that very directory is opened (through the fd,
+    not the name again: a program cannot swap a symlink in between)."""
+    path = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISDIR(os.fstat(path).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), name)
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=path)
+    finally:
+        os.close(path)
 
 
 def read_available(fd: int, limit: int = 4096) -> str:

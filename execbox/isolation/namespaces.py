@@ -12,12 +12,19 @@ while bwrap waits on ``--block-fd``, before any user code exists. With egress
 (``spec.egress``) a sandbox also gets its own proxy socket's directory, read-only at
 ``EGRESS_DIR``, an up loopback interface (bwrap raises it; the fork server's zygote too)
 and a filter that allows AF_INET/AF_INET6 sockets, which reach nothing but that loopback.
+
+Under gVisor (execbox in a pod under a gVisor RuntimeClass) only the fork server
+launcher works: bubblewrap cannot configure a new network namespace there, and the
+zygote runs in its unshare mode (gVisor has no setns for PID namespaces). The start-up
+check builds one sandbox with the launcher that will be used, so it fails where
+sandboxes would. gVisor has no pidfd_open either: the zygote, the init's parent, kills
+a sandbox there. gVisor's cgroups count memory but do not limit it: each execution's
+limit is then kept by a :class:`~execbox.isolation.memwatch.MemoryWatch`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import subprocess
@@ -30,11 +37,13 @@ from typing import Any
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
-from execbox.isolation.forkserver import ZYGOTE, ForkServer, exit_pair
+from execbox.isolation.forkserver import PROBE_PLAN, ForkServer, exit_pair, zygote_launcher
+from execbox.isolation.memwatch import WATCH_INTERVAL_S, MemoryWatch, cgroups_enforce_memory
 from execbox.isolation.hostproc import (
     close_all,
     kill_pidfd,
     kill_process,
+    open_dir_nofollow,
     read_available,
 )
 from execbox.isolation.owners import sandbox_name
@@ -42,6 +51,8 @@ from execbox.isolation.protocol import FrameReader
 from execbox.isolation.rootfs import PlanStep, egress_step, mount_plan, publish_etc
 from execbox.isolation.seccomp import build_filter_fd
 from execbox.isolation.supervise import SupervisedSandbox, wait_ready
+from execbox.isolation.uids import UID_LOCK_DIR, UidAllocator
+from execbox.models import Limits
 from execbox.runtimes import (
     CONTROL_FD_ENV,
     EVENTS_FD_ENV,
@@ -53,53 +64,19 @@ from execbox.runtimes import (
 __all__ = ["UID_LOCK_DIR", "NamespacesBackend", "NamespacesSandbox", "UidAllocator"]
 
 _BWRAP = "/usr/bin/bwrap"
-#: host-wide uid claims (a tmpfs: emptied at boot, like the claims themselves)
-UID_LOCK_DIR = Path("/run/execbox/uids")
 _PRLIMIT = "/usr/bin/prlimit"
 _SETPRIV = "/usr/bin/setpriv"
 _NICE = "/usr/bin/nice"
-class UidAllocator:
-    """Hands out one host uid per live sandbox from a fixed range (thread-safe).
-
-    A uid is also claimed host-wide with an ``flock`` on ``<lock_dir>/<uid>``, held while
-    the sandbox lives (the kernel drops it if the process dies), so two execbox processes
-    on one host (a service, ``execbox run``, a test suite) never share a uid, and per-uid
-    limits such as RLIMIT_NPROC never couple their sandboxes.
-    """
-
-    def __init__(self, base: int, count: int, lock_dir: Path) -> None:
-        self._free = list(range(base + count - 1, base - 1, -1))
-        self._held: dict[int, int] = {}
-        self._lock_dir = lock_dir
-        self._lock = threading.Lock()
-
-    def acquire(self) -> int:
-        with self._lock:
-            self._lock_dir.mkdir(parents=True, exist_ok=True)
-            for _ in range(len(self._free)):
-                uid = self._free.pop()
-                fd = os.open(self._lock_dir / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # another execbox process holds it
-                    os.close(fd)
-                    self._free.insert(0, uid)
-                    continue
-                self._held[uid] = fd
-                return uid
-            raise SandboxStartError("no free sandbox uid; raise SANDBOX_UID_COUNT")
-
-    def release(self, uid: int) -> None:
-        with self._lock:
-            os.close(self._held.pop(uid))
-            self._free.append(uid)
 
 
 class NamespacesSandbox(SupervisedSandbox):
     """A sandbox whose init (``init_pid``) heads fresh namespaces, in its own cgroup.
 
-    How it was started (bwrap, or a fork of the Python fork server) is hidden behind two
-    callables: ``exit_status`` (see SupervisedSandbox._exit_status) and ``running``.
+    How it was started (bwrap, or a fork of the Python fork server) is hidden behind three
+    callables: ``kill`` (SIGKILL the init, so every process of the sandbox),
+    ``exit_status`` (see SupervisedSandbox._exit_status) and ``running``. ``root_pid`` is a
+    process whose root is the sandbox's (the init, except in the zygote's unshare mode).
+    ``watch_memory``: the cgroup does not enforce the memory limit, a MemoryWatch does.
     """
 
     backend_name = "namespaces"
@@ -110,22 +87,45 @@ class NamespacesSandbox(SupervisedSandbox):
         sandbox_id: str,
         *,
         init_pid: int,
-        init_pidfd: int,
+        root_pid: int,
+        kill: Callable[[], None],
         cgroup: Cgroup,
         fds: dict[str, int],
         reader: FrameReader,
         exit_status: Callable[[float], tuple[int | None, int | None]],
         running: Callable[[], bool],
         release: contextlib.ExitStack,
+        watch_memory: bool = False,
     ) -> None:
         super().__init__(spec, sandbox_id, cgroup=cgroup, fds=fds, reader=reader, release=release)
+        self._watch_memory = watch_memory
+        self._watch: MemoryWatch | None = None
         self.init_pid = init_pid
-        self._init_pidfd = init_pidfd
+        self._root_pid = root_pid
+        self._kill_of = kill
         self._exit_status_of = exit_status
         self._running_of = running
 
     def _kill(self) -> None:
-        kill_pidfd(self._init_pidfd)
+        self._kill_of()
+
+    def _limit_memory(self, limits: Limits) -> None:
+        super()._limit_memory(limits)
+        if self._watch_memory:
+            self._watch = MemoryWatch(self.cgroup, min(limits.memory_bytes, self.spec.memory_bytes), self._kill)
+
+    def _usage(self) -> tuple[bool, int | None, float | None]:
+        oom, peak, cpu = super()._usage()
+        watch, self._watch = self._watch, None
+        if watch is None:
+            return oom, peak, cpu
+        exceeded, seen = watch.stop()
+        return oom or exceeded, peak if peak is not None else seen, cpu
+
+    def _teardown(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+        super()._teardown()
 
     def _exit_status(self, timeout_s: float) -> tuple[int | None, int | None]:
         return self._exit_status_of(timeout_s)
@@ -137,9 +137,9 @@ class NamespacesSandbox(SupervisedSandbox):
         """Open the live sandbox's workspace through its init's root, following no symlink."""
         if not self._running():
             raise SandboxError(f"sandbox {self.id} has ended; its workspace is gone")
-        root = os.open(f"/proc/{self.init_pid}/root", os.O_PATH | os.O_DIRECTORY)
+        root = os.open(f"/proc/{self._root_pid}/root", os.O_PATH | os.O_DIRECTORY)
         try:
-            return os.open(WORKSPACE.lstrip("/"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+            return open_dir_nofollow(WORKSPACE.lstrip("/"), root)
         finally:
             os.close(root)
 
@@ -165,21 +165,26 @@ class NamespacesBackend(IsolationBackend):
         self._uid_range = (uid_base, uid_count)
         self._cgroups = cgroups or CgroupManager()
         self._filters: dict[bool, bytes] = {}
+        self._pid_namespaces = ""
+        self._watch_memory = not cgroups_enforce_memory(self._cgroups)
         self._etc_dir: Path | None = None
         self._lock = threading.RLock()
 
     # -- host checks -----------------------------------------------------------------
 
     def check(self) -> None:
-        if not Path(_BWRAP).exists():
-            raise BackendUnavailableError("bubblewrap is not installed: apt-get install bubblewrap")
         if os.geteuid() != 0:
             raise BackendUnavailableError("the namespaces backend needs root (cgroups, per-sandbox uids)")
+        self._cgroups.check()
+        self._filter(inet=False)
+        if self._use_forkserver:
+            self._pid_namespaces = self._probe_forkserver()
+            return
+        if not Path(_BWRAP).exists():
+            raise BackendUnavailableError("bubblewrap is not installed: apt-get install bubblewrap")
         for tool in (_PRLIMIT, _SETPRIV):
             if not Path(tool).exists():
                 raise BackendUnavailableError(f"{tool} is missing: apt-get install util-linux")
-        self._cgroups.check()
-        self._filter(inet=False)
         try:
             probe = subprocess.run(
                 [_BWRAP, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
@@ -189,13 +194,51 @@ class NamespacesBackend(IsolationBackend):
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BackendUnavailableError(f"bwrap did not run a probe sandbox: {exc}") from exc
-        if probe.returncode != 0:
+        if probe.returncode == 0:
+            return
+        said = probe.stderr.decode(errors="replace").strip()
+        try:
+            mode = self._probe_forkserver()
+        except BackendUnavailableError:
+            mode = ""
+        if mode:
+            gvisor = " (the kernel is gVisor's: no setns for PID namespaces)" if mode == "unshare" else ""
             raise BackendUnavailableError(
-                "bwrap cannot create an unprivileged user namespace: "
-                f"{probe.stderr.decode(errors='replace').strip()}; enable it with "
-                "sysctl -w kernel.unprivileged_userns_clone=1 (Debian) or "
-                "sysctl -w user.max_user_namespaces=15000"
+                f"SANDBOX_FORKSERVER=false: bwrap cannot build a sandbox on this kernel{gvisor} ({said}); "
+                "the fork server can: set SANDBOX_FORKSERVER=true"
             )
+        raise BackendUnavailableError(
+            f"bwrap cannot create an unprivileged user namespace: {said}; enable it with "
+            "sysctl -w kernel.unprivileged_userns_clone=1 (Debian) or "
+            "sysctl -w user.max_user_namespaces=15000"
+        )
+
+    def _probe_forkserver(self) -> str:
+        """Have a fork server build one sandbox the way sandboxes are built (namespaces,
+        mounts, cgroup, uid, rlimits, the seccomp filter), which runs /usr/bin/true; returns
+        the zygote's PID-namespace mode ("setns" or "unshare")."""
+        root = self._state_dir / "root"
+        root.mkdir(parents=True, exist_ok=True)
+        server = ForkServer(
+            zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=str(root), plan=PROBE_PLAN,
+            seccomp_bpf=self._filter(inet=False), env={}, loopback=True, preload="", driver=None,
+            exec_argv=["/usr/bin/true"],
+        )  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            try:
+                server.start(timeout_s=30.0)
+                stack.callback(server.close)
+                sandbox_id = sandbox_name("probe")
+                uid = self._uids.acquire()
+                stack.callback(self._uids.release, uid)
+                cgroup = self._cgroups.create(sandbox_id, 64 << 20, 16, 1.0)
+                stack.callback(cgroup.remove)
+                failed = server.probe(sandbox_id, uid, cgroup.procs_files())
+            except (SandboxError, TimeoutError) as exc:
+                failed = str(exc)
+        if failed:
+            raise BackendUnavailableError(f"the fork server cannot build a sandbox: {failed}")
+        return server.pid_namespaces
 
     def _filter(self, inet: bool) -> bytes:
         with self._lock:
@@ -275,19 +318,8 @@ class NamespacesBackend(IsolationBackend):
             env = {k: v.replace(RUNTIME_MOUNT, target) for k, v in spec.env.items()}
             root = self._state_dir / "root"
             root.mkdir(parents=True, exist_ok=True)
-
-            def launch(sock_fd: int) -> subprocess.Popen[bytes]:
-                return subprocess.Popen(
-                    [str(interpreter), "-I", "-B", str(ZYGOTE)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    pass_fds=(sock_fd,),
-                    env={**env, "EXECBOX_ZYGOTE_FD": str(sock_fd)},
-                    start_new_session=True,
-                )
-
             server = ForkServer(
-                launch,
+                zygote_launcher(interpreter, env),
                 root_dir=str(root),
                 plan=mount_plan(spec, self._etc(), target),
                 seccomp_bpf=self._filter(spec.egress is not None),
@@ -333,15 +365,19 @@ class NamespacesBackend(IsolationBackend):
         server = self._forkserver(spec)
         with contextlib.ExitStack() as stack:
             sandbox_id, uid, cgroup, fds, extra = self._allocate(stack, spec)
-            rlimits = {"nproc": spec.pids_max, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
+            # unshare mode is gVisor's kernel, which does not count a process's first thread
+            # against RLIMIT_NPROC as Linux does (nor threads in pids.max): one less keeps
+            # "processes + threads <= SANDBOX_MAX_PIDS" the same on both, as in gvisor_host
+            nproc = max(1, spec.pids_max - 1) if server.pid_namespaces == "unshare" else spec.pids_max
+            rlimits = {"nproc": nproc, "core": 0, "fsize": spec.file_size_max_bytes, "nofile": spec.open_files_max}
             child_ends = [fds["control_r"], fds["events_w"], fds["stdout_w"], fds["stderr_w"]]
             pid, init_pid = server.spawn(sandbox_id, uid, cgroup.procs_files(), rlimits, child_ends, extra)
             for name in ("control_r", "events_w", "stdout_w", "stderr_w"):
                 os.close(fds.pop(name))
-            fds["init_pidfd"] = pidfd = os.pidfd_open(init_pid)  # its death ends the namespaces
+            kill = server.init_killer(fds, sandbox_id, pid, init_pid, uid)
 
             def reap() -> None:
-                kill_pidfd(pidfd)
+                kill()
                 try:
                     server.wait_exit(pid, 10.0)
                 except TimeoutError as exc:
@@ -356,13 +392,16 @@ class NamespacesBackend(IsolationBackend):
             spec,
             sandbox_id,
             init_pid=init_pid,
-            init_pidfd=pidfd,
+            # in unshare mode the init stays in the zygote's mount namespace: the driver's root
+            root_pid=pid if server.pid_namespaces == "unshare" else init_pid,
+            kill=kill,
             cgroup=cgroup,
             fds=fds,
             reader=reader,
             exit_status=lambda timeout_s: exit_pair(server.wait_exit(pid, timeout_s).status),
             running=lambda: server.running(pid),
             release=release,
+            watch_memory=self._watch_memory,
         )
 
     def _create_bwrap(self, spec: SandboxSpec) -> Sandbox:
@@ -409,13 +448,15 @@ class NamespacesBackend(IsolationBackend):
             spec,
             sandbox_id,
             init_pid=init_pid,
-            init_pidfd=init_pidfd,
+            root_pid=init_pid,
+            kill=lambda: kill_pidfd(init_pidfd),
             cgroup=cgroup,
             fds=fds,
             reader=reader,
             exit_status=exit_status,
             running=lambda: process.poll() is None,
             release=release,
+            watch_memory=self._watch_memory,
         )
 
     @staticmethod
@@ -433,7 +474,12 @@ class NamespacesBackend(IsolationBackend):
         raise SandboxStartError(f"bwrap of sandbox {sandbox_id} gave no child pid (exit {process.returncode})")
 
     def describe(self) -> dict[str, Any]:
-        return {"launcher": "fork server" if self._use_forkserver else "bwrap"}
+        found = {"launcher": "fork server" if self._use_forkserver else "bwrap"}
+        if self._pid_namespaces:
+            found["pid_namespaces"] = self._pid_namespaces  # the zygote's mode (unshare: gVisor)
+        if self._watch_memory:
+            found["memory_limit"] = f"watched every {WATCH_INTERVAL_S * 1000:g} ms (the cgroups do not enforce it)"
+        return found
 
     def reap(self) -> int:
         return self._cgroups.reap()

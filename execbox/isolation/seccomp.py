@@ -14,6 +14,13 @@ Default allow, with three kinds of denial:
   proxy listens.
 
 Architectures other than the native one are killed (no x32 / i386 side door).
+
+The kill action is SECCOMP_RET_KILL_PROCESS, which libseccomp uses only at API level 3 or
+above. It finds the level by asking the kernel (SECCOMP_GET_ACTION_AVAIL); gVisor's
+kernel does not answer, so libseccomp says level 2 there and refuses the filter. The
+level is then raised to 3 (the action exists since Linux 4.14, and gVisor applies it):
+a kernel that really lacked it would refuse the filter when a sandbox loads it, and the
+backend's start-up check loads it for real.
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ def build_filter_fd(inet: bool) -> int:
     try:
         import pyseccomp as sc
 
+        if sc.get_api() < 3:  # see the module docstring (gVisor)
+            sc.set_api(3)
         flt = sc.SyscallFilter(defaction=sc.ALLOW)
         for name in KILLED_SYSCALLS:
             try:

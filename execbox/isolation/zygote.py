@@ -10,7 +10,16 @@ pandas, ...) and serves requests on a SOCK_SEQPACKET socket. For each sandbox:
   namespaces: pid 1 of the sandbox, which reaps orphans until it is killed (its death
   ends the namespaces and everything in them); it drops to uid 65534;
 * the zygote joins those namespaces with setns and forks the driver-to-be into them (pid 2),
-  then returns to its own. The fork, before any user code exists:
+  then returns to its own.
+
+That is the *setns* mode. gVisor's kernel has no setns(2) for PID namespaces, so where
+that call fails (probed at start: the zygote enters its own PID namespace) the zygote
+runs in *unshare* mode, with no factory: for each sandbox it unshares a fresh PID
+namespace for its next children, spawns a tiny init into it (pid 1, ``INIT_ARGV``, uid
+65534) and forks the driver-to-be (pid 2), which unshares the other namespaces itself.
+That is always the mode inside the ``gvisor`` backend's sandboxes, and the mode of the
+``namespaces`` backend when execbox itself runs under gVisor (a pod under a gVisor
+RuntimeClass). Either way, the fork, before any user code exists:
 
   1. joins its cgroup (on the host: the host created it) and then a fresh cgroup namespace;
      with egress (``config["loopback"]``) it brings up the loopback interface of its fresh
@@ -31,21 +40,22 @@ sockets, its namespaces and (inside gVisor) the channels of the one execution it
 at a time. Its process title is a generic name, so a sandbox's ``/proc/1/cmdline``
 shows no host path.
 
-Socket messages (JSON, one per datagram): host -> zygote ``{"op": "init", ...}`` once, then
+Socket messages (JSON, one per datagram): host -> zygote ``{"op": "init", ...}`` once
+(answered ``{"op": "ready", "pidns": "setns" | "unshare"}``), then
 
 * ``{"op": "spawn", "id", "uid", "cgroups": [paths], "rlimits": {...}, "plan"?: [steps]}`` with four fds
   (control, events, stdout, stderr) on the host; inside gVisor without fds: the
   channels passed to the sandbox at start (``config["channel"]``) are used;
 * ``{"op": "kill", "id", "init", "pid"}``: SIGKILL the sandbox's init (and so its whole
   PID namespace); answered ``{"op": "killed", "id", "confirmed": bool}`` once the init is
-  reaped (then no process of that sandbox is left) and, inside gVisor, the control
-  channel drained;
+  reaped (then no process of that sandbox is left; in unshare mode, once no process of
+  its uid is left) and, inside gVisor, the control channel drained;
 * ``{"op": "collect", "id", "pid"}`` (inside gVisor): copy the regular files directly
   under the sandbox's ``/workspace/artifacts`` (no symlink followed) into the export
   directory the host reads; answered ``{"op": "collected", "id", "count", "hwm_kb"}``
   with the driver's peak resident memory too (one round trip after a run);
 
-zygote -> host: ``{"op": "ready"}``, ``{"op": "spawned", "id", "pid", "init"}`` /
+zygote -> host: ``{"op": "spawned", "id", "pid", "init"}`` /
 ``{"op": "error", "id", "message"}``, and ``{"op": "exit", "pid", "status", "maxrss_kb",
 "cpu_ms"}`` (the driver's raw wait status and usage) whenever a driver ends.
 """
@@ -83,9 +93,12 @@ _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _RLIMITS = {"nproc": resource.RLIMIT_NPROC, "core": resource.RLIMIT_CORE,
             "fsize": resource.RLIMIT_FSIZE, "nofile": resource.RLIMIT_NOFILE}
 _ARTIFACTS = "/workspace/artifacts"
-#: pid 1 of an inner sandbox inside gVisor: a tiny reaper, as uid 65534, named sandbox-init
+#: pid 1 of a sandbox in unshare mode: a tiny reaper, as uid 65534, named sandbox-init, that
+#: dies with the zygote (prctl(PR_SET_PDEATHSIG, SIGKILL), after the uid change that clears
+#: it; the prctl syscall number is its argument)
 INIT_ARGV = ("/usr/bin/perl", "-e",
-             '$0 = "sandbox-init"; $( = $) = "65534 65534"; $< = $> = 65534; while (1) { sleep 1 if wait() == -1 }')
+             '$0 = "sandbox-init"; $( = $) = "65534 65534"; $< = $> = 65534; syscall($ARGV[0] + 0, 1, 9); '
+             'while (1) { sleep 1 if wait() == -1 }')
 _NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: syscall numbers, given by the host from libseccomp (never hard-coded for one architecture)
 SYSCALLS = {}
@@ -351,10 +364,12 @@ def _fork_driver(config, request, fds, driver, unshare_flags=0):
             _child(config, request, fds, driver)
             code = 0
         except BaseException as exc:
-            try:
-                os.write(fds[3], f"execbox: sandbox setup failed: {exc}\n".encode())
-            except OSError:
-                pass
+            for fd in (fds[3], 2):  # the stderr channel; at fd 2 only once it has been renumbered
+                try:
+                    os.write(fd, f"execbox: sandbox setup failed: {exc}\n".encode())
+                    break
+                except OSError:
+                    continue
         finally:
             os._exit(code)
     return pid
@@ -387,13 +402,23 @@ def _kill(request, factory):
     return bool(json.loads(factory.recv(256)).get("confirmed"))
 
 
+def _pid_setns_works(own_pid_ns):
+    """Whether setns(2) works on PID namespaces here (not on gVisor's kernel): entering the
+    zygote's own PID namespace, which changes nothing."""
+    return _libc.setns(own_pid_ns, CLONE_NEWPID) == 0
+
+
 def _spawn_guest(config, request, fds, driver):
-    """Inside gVisor, which has no setns(2) for PID namespaces: a fresh PID namespace for this
-    process's next children (unshare), the init spawned into it first (pid 1; a vfork-style
-    spawn of a tiny program, so the big zygote is not copied), then the driver forked into
-    it (pid 2), which unshares the other namespaces itself."""
+    """Unshare mode (gVisor has no setns(2) for PID namespaces): a fresh PID namespace for
+    this process's next children (unshare), the init spawned into it first (pid 1; a
+    vfork-style spawn of a tiny program, so the big zygote is not copied; it gets no fd of
+    the zygote's), then the driver forked into it (pid 2), which unshares the other
+    namespaces itself."""
+    for fd in fds:
+        os.set_inheritable(fd, False)  # the driver dup's its own; the init gets none
     _check(_libc.unshare(CLONE_NEWPID), "unshare pid namespace")
-    init_pid = os.posix_spawn(INIT_ARGV[0], INIT_ARGV, {})
+    null = [(os.POSIX_SPAWN_OPEN, fd, "/dev/null", os.O_RDWR, 0) for fd in (0, 1, 2)]
+    init_pid = os.posix_spawn(INIT_ARGV[0], (*INIT_ARGV, str(SYSCALLS["prctl"])), {}, file_actions=null)
     pid = _fork_driver(config, request, fds, driver, CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
     return pid, init_pid
 
@@ -415,11 +440,15 @@ def _uid_left(uid):
     return False
 
 
-def _kill_guest(config, request, sock, children):
-    """End one inner sandbox inside gVisor: SIGKILL its init and driver, reap both (reporting
-    the driver's exit), wait until no process of its uid is left, drain its control channel
-    (the next sandbox reads the same one). True when all of that was confirmed."""
-    pids = [int(request["pid"]), int(request["init"])]
+def _kill_guest(config, request, sock, children, inits):
+    """End one sandbox in unshare mode: SIGKILL its init and driver, reap both (reporting
+    the driver's exit), wait until no process of its uid is left (gVisor kills the rest of
+    a PID namespace when its init dies, but does not wait for them) and, inside gVisor,
+    drain its control channel (the next sandbox reads the same one). True when all of that
+    was confirmed. Only this process's unreaped children are signalled: a reaped pid may
+    belong to another process already."""
+    driver = int(request["pid"])
+    pids = [pid for pid in (driver, int(request["init"])) if pid in children or pid in inits]
     _kill_all(pids)
     deadline = time.monotonic() + 5.0
     for pid in pids:
@@ -430,7 +459,8 @@ def _kill_guest(config, request, sock, children):
                 break  # reaped (and reported) by the main loop already
             if done == pid:
                 children.discard(pid)
-                if pid == pids[0]:
+                inits.discard(pid)
+                if pid == driver:
                     _report(sock, pid, status, usage)
                 break
             time.sleep(0.001)
@@ -440,6 +470,8 @@ def _kill_guest(config, request, sock, children):
             confirmed = False
             break
         time.sleep(0.002)
+    if not config.get("channel"):
+        return confirmed
     control = config["channel"][0]
     os.set_blocking(control, False)  # the file description is shared with the next driver:
     try:  # blocking again before it is spawned
@@ -450,6 +482,19 @@ def _kill_guest(config, request, sock, children):
     finally:
         os.set_blocking(control, True)
     return confirmed
+
+
+def _open_dir_nofollow(path):
+    """open(path, O_DIRECTORY | O_NOFOLLOW), also where gVisor follows a final symlink despite
+    O_NOFOLLOW (it does when O_DIRECTORY is given): the name is opened with O_PATH, refused
+    unless a directory, then that very directory opened (as hostproc.open_dir_nofollow)."""
+    handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISDIR(os.fstat(handle).st_mode):
+            raise NotADirectoryError(path)
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=handle)
+    finally:
+        os.close(handle)
 
 
 def _copy_artifacts(pid, export_dir, own_mnt):
@@ -463,7 +508,7 @@ def _copy_artifacts(pid, export_dir, own_mnt):
         _setns(target, "mnt")
         count = 0
         try:
-            source = os.open(_ARTIFACTS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            source = _open_dir_nofollow(_ARTIFACTS)
         except OSError:
             return 0
         try:
@@ -530,7 +575,8 @@ def _load_driver(path):
 def main():
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")
     sock = socket.socket(fileno=int(os.environ.pop("EXECBOX_ZYGOTE_FD")))
-    children = set()
+    sock.set_inheritable(False)  # no init or exec'd driver gets it
+    children, inits = set(), set()  # drivers; inits (unshare mode)
     config = json.loads(sock.recv(1 << 22))
     _set_title(config.get("title") or "sandbox-init")
     config["filter"] = base64.b64decode(config["filter"])
@@ -546,11 +592,12 @@ def main():
     own_ns = {ns: os.open(f"/proc/self/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in namespaces}
     os.nice(config.get("nice", 0))  # clones and their set-up yield to running programs
     guest = bool(config.get("channel"))
+    pid_setns = not guest and _pid_setns_works(own_ns["pid"])
     factory = None
     if guest:
         for fd in config["channel"]:
             os.set_inheritable(fd, False)  # only the driver gets them (dup'd), never an init
-    else:
+    elif pid_setns:
         factory, factory_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if os.fork() == 0:  # before the preload: each init is a clone of a small process
             try:
@@ -580,7 +627,7 @@ def main():
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
-    _send(sock, {"op": "ready"})
+    _send(sock, {"op": "ready", "pidns": "setns" if pid_setns else "unshare"})
     while True:
         try:
             readable, _, _ = select.select([sock, wake_r], [], [])
@@ -593,8 +640,10 @@ def main():
                 except BlockingIOError:
                     break
             for pid, status, usage in _reaped():
-                children.discard(pid)
-                _report(sock, pid, status, usage)
+                inits.discard(pid)
+                if pid in children:  # a driver (not an init, nor an orphan of gVisor's)
+                    children.discard(pid)
+                    _report(sock, pid, status, usage)
         if sock in readable:
             try:
                 data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
@@ -613,14 +662,15 @@ def main():
                     channel = fds or config.get("channel") or []
                     if len(channel) != 4:
                         raise OSError("spawn needs four channel fds")
-                    if guest:
-                        pid, init_pid = _spawn_guest(config, request, channel, driver)
-                    else:
+                    if pid_setns:
                         pid, init_pid = _spawn(config, request, channel, factory, own_ns, driver)
+                    else:
+                        pid, init_pid = _spawn_guest(config, request, channel, driver)
+                        inits.add(init_pid)
                     children.add(pid)
                     _send(sock, {"op": "spawned", "id": request["id"], "pid": pid, "init": init_pid})
                 elif op == "kill":
-                    confirmed = _kill_guest(config, request, sock, children) if guest else _kill(request, factory)
+                    confirmed = _kill(request, factory) if pid_setns else _kill_guest(config, request, sock, children, inits)
                     _send(sock, {"op": "killed", "id": request["id"], "confirmed": confirmed})
                 elif op == "collect":
                     hwm_kb = _peak_kb(int(request["pid"]))

@@ -2,7 +2,8 @@
 
 Every path is relative to the workspace and checked before any I/O: no absolute path,
 no ``..``, no empty or ``.`` component, no NUL. It is then walked one component at a time
-from a directory fd of the workspace with ``O_NOFOLLOW``: a symlink anywhere on the path
+from a directory fd of the workspace with ``O_NOFOLLOW`` (directories through
+``open_dir_nofollow``, which holds on gVisor's kernel too): a symlink anywhere on the path
 (which the program may have planted) is refused, never followed, so the host never
 reads or writes outside the sandbox's own workspace. What the host creates belongs to the
 workspace's owner (the sandbox's uid), so the program can change it: the host thread
@@ -25,13 +26,13 @@ import stat
 from collections.abc import Iterator
 
 from execbox.errors import BadRequestError, NotFoundError
+from execbox.isolation.hostproc import open_dir_nofollow
 from execbox.models import SessionFile
 
 __all__ = ["MAX_LISTED_FILES", "list_files", "read_file", "split_path", "write_file"]
 
 #: a listing stops after this many files (a program may create millions)
 MAX_LISTED_FILES = 10_000
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -78,12 +79,12 @@ def _walk(workspace_fd: int, parts: list[str], path: str, create: bool) -> int:
     try:
         for part in parts[:-1]:
             try:
-                child = os.open(part, _DIR_FLAGS, dir_fd=current)
+                child = open_dir_nofollow(part, current)
             except FileNotFoundError:
                 if not create:
                     raise
                 os.mkdir(part, 0o755, dir_fd=current)
-                child = os.open(part, _DIR_FLAGS, dir_fd=current)
+                child = open_dir_nofollow(part, current)
             os.close(current)
             current = child
         return current
@@ -165,7 +166,7 @@ def _regular_files(dir_fd: int, prefix: str) -> Iterator[tuple[str, int]]:
                 yield prefix + name, info.st_size
             elif stat.S_ISDIR(info.st_mode):
                 try:
-                    child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                    child = open_dir_nofollow(name, dir_fd)
                 except OSError:
                     continue
                 try:
