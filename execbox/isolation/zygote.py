@@ -88,7 +88,7 @@ MNT_DETACH = 2
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 _IFREQ = "16sH22x"  # struct ifreq: the name, then ifr_flags in the 24-byte union
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 24, 38, 22, 2
-PR_CAPBSET_READ = 23
+PR_CAPBSET_READ, CAP_SETPCAP = 23, 8
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _RLIMITS = {"nproc": resource.RLIMIT_NPROC, "core": resource.RLIMIT_CORE,
             "fsize": resource.RLIMIT_FSIZE, "nofile": resource.RLIMIT_NOFILE}
@@ -241,12 +241,18 @@ def _child(config, request, fds, driver):
 def _bounding_set():
     """The capabilities in this process's bounding set (a child's can only be smaller), so
     that a child empties its own with one prctl per capability held, not one per number
-    (inside gVisor, where the zygote holds a few, each call is a round trip to the sentry)."""
+    (inside gVisor, where the zygote holds a few, each call is a round trip to the sentry).
+    None without CAP_SETPCAP, which dropping one needs: a container given only what execbox
+    needs (docker-compose.yml, the Kubernetes base) keeps its bounding set, and its
+    sandboxes still hold no capability (a plain uid) nor can gain one (no_new_privs)."""
     try:
         with open("/proc/self/status") as fh:
-            mask = next(int(line.split()[1], 16) for line in fh if line.startswith("CapBnd:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = (1 << 64) - 1
+            masks = {line[:6]: int(line.split()[1], 16) for line in fh if line.startswith(("CapBnd:", "CapEff:"))}
+        mask, effective = masks["CapBnd"], masks["CapEff"]
+    except (OSError, KeyError, ValueError, IndexError):
+        mask = effective = (1 << 64) - 1
+    if not effective >> CAP_SETPCAP & 1:
+        return []
     caps = [cap for cap in range(64) if mask >> cap & 1]
     while caps and _libc.prctl(PR_CAPBSET_READ, caps[-1], 0, 0, 0) < 0:  # beyond this kernel's last
         caps.pop()
