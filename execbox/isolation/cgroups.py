@@ -370,6 +370,9 @@ class CgroupManager:
                 group = spares.pop() if spares else None
             if group is None:
                 return self.create(name, memory_bytes, pids_max, cpus)
+            if group.pids():  # nothing may have joined a spare; if something did, it is not reused
+                group.remove()
+                continue
             try:
                 group = group._renamed(name)
                 if group._reset(memory_bytes):
