@@ -178,7 +178,8 @@ class _CgroupV1(Cgroup):
     def threads(self) -> list[int]:
         # every hierarchy holds the same tasks: one is enough
         path = self._by_controller.get("cpu") or self._dirs()[0]
-        return sorted(int(t) for t in _read(path / "tasks").split())
+        name = "cgroup.threads" if (path / "cgroup.threads").exists() else "tasks"
+        return sorted(int(t) for t in _read(path / name).split())
 
     def _renamed(self, name: str) -> Cgroup:
         renamed: dict[Path, Path] = {}
