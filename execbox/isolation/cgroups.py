@@ -178,7 +178,8 @@ class _CgroupV1(Cgroup):
     def threads(self) -> list[int]:
         # every hierarchy holds the same tasks: one is enough
         path = self._by_controller.get("cpu") or self._dirs()[0]
-        return sorted(int(t) for t in _read(path / "tasks").split())
+        name = "cgroup.threads" if (path / "cgroup.threads").exists() else "tasks"
+        return sorted(int(t) for t in _read(path / name).split())
 
     def _renamed(self, name: str) -> Cgroup:
         renamed: dict[Path, Path] = {}
@@ -370,6 +371,9 @@ class CgroupManager:
                 group = spares.pop() if spares else None
             if group is None:
                 return self.create(name, memory_bytes, pids_max, cpus)
+            if group.pids():  # nothing may have joined a spare; if something did, it is not reused
+                group.remove()
+                continue
             try:
                 group = group._renamed(name)
                 if group._reset(memory_bytes):

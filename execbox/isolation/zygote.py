@@ -88,7 +88,7 @@ MNT_DETACH = 2
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 _IFREQ = "16sH22x"  # struct ifreq: the name, then ifr_flags in the 24-byte union
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 24, 38, 22, 2
-PR_CAPBSET_READ, CAP_SETPCAP = 23, 8
+CAP_SETPCAP = 8
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _RLIMITS = {"nproc": resource.RLIMIT_NPROC, "core": resource.RLIMIT_CORE,
             "fsize": resource.RLIMIT_FSIZE, "nofile": resource.RLIMIT_NOFILE}
@@ -217,7 +217,8 @@ def _child(config, request, fds, driver):
     for name, value in request["rlimits"].items():
         resource.setrlimit(_RLIMITS[name], (value, value))
     for cap in config["bounding"]:  # empty the bounding set too: nothing can ever regain a capability
-        _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap} from the bounding set")
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 and (err := ctypes.get_errno()) != errno.EINVAL:
+            raise OSError(err, f"drop capability {cap} from the bounding set: {os.strerror(err)}")
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # from root to a plain uid: every capability is dropped
@@ -253,10 +254,7 @@ def _bounding_set():
         mask = effective = (1 << 64) - 1
     if not effective >> CAP_SETPCAP & 1:
         return []
-    caps = [cap for cap in range(64) if mask >> cap & 1]
-    while caps and _libc.prctl(PR_CAPBSET_READ, caps[-1], 0, 0, 0) < 0:  # beyond this kernel's last
-        caps.pop()
-    return caps
+    return [cap for cap in range(64) if mask >> cap & 1]  # a number beyond this kernel's is skipped
 
 
 def _clone(flags):
