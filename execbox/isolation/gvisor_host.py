@@ -53,7 +53,7 @@ from execbox.errors import SandboxError, SandboxStartError
 from execbox.isolation.base import SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
 from execbox.isolation.forkserver import ZYGOTE, ForkServer, exit_pair
-from execbox.isolation.hostproc import close_all, kill_pidfd, kill_process, mount_tmpfs, remove_workspace
+from execbox.isolation.hostproc import close_all, driver_pipes, kill_pidfd, kill_process, mount_tmpfs, remove_workspace
 from execbox.isolation.oci import EXPORT_DIR, ZYGOTE_DIR, build_host_config
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
@@ -134,10 +134,7 @@ class GVisorHost:
             stack.callback(self.cgroup.remove)
             fds = self._fds
             stack.callback(close_all, fds)
-            fds["control_r"], fds["control"] = os.pipe()
-            fds["events"], fds["events_w"] = os.pipe()
-            fds["stdout"], fds["stdout_w"] = os.pipe()
-            fds["stderr"], fds["stderr_w"] = os.pipe()
+            driver_pipes(fds)
             fds["exited"], fds["exited_w"] = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             if spec.egress is not None:
                 self._plan.append(egress_step(spec.egress.open(self.id)))

@@ -14,7 +14,7 @@ from pathlib import Path
 from execbox.errors import SandboxError, SandboxStartError
 
 __all__ = [
-    "close_all", "kill_pidfd", "kill_process", "mount_tmpfs", "open_dir_nofollow", "read_available", "remove_workspace",
+    "close_all", "driver_pipes", "kill_pidfd", "kill_process", "mount_tmpfs", "open_dir_nofollow", "read_available", "remove_workspace",
 ]  # fmt: skip
 
 _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 0x2, 0x4, 0x2
@@ -27,6 +27,16 @@ def close_all(fds: dict[str, int]) -> None:
         _, fd = fds.popitem()
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def driver_pipes(fds: dict[str, int]) -> None:
+    """Open the four pipes of the driver protocol into ``fds``: the host ends ``control``,
+    ``events``, ``stdout``, ``stderr`` and the sandbox's ``control_r``, ``events_w``,
+    ``stdout_w``, ``stderr_w`` (the caller closes them all, e.g. with :func:`close_all`)."""
+    fds["control_r"], fds["control"] = os.pipe()
+    fds["events"], fds["events_w"] = os.pipe()
+    fds["stdout"], fds["stdout_w"] = os.pipe()
+    fds["stderr"], fds["stderr_w"] = os.pipe()
 
 
 def kill_process(process: subprocess.Popen[bytes]) -> None:

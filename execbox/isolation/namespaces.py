@@ -41,6 +41,7 @@ from execbox.isolation.forkserver import PROBE_PLAN, ForkServer, exit_pair, zygo
 from execbox.isolation.memwatch import WATCH_INTERVAL_S, MemoryWatch, cgroups_enforce_memory
 from execbox.isolation.hostproc import (
     close_all,
+    driver_pipes,
     kill_pidfd,
     kill_process,
     open_dir_nofollow,
@@ -350,10 +351,7 @@ class NamespacesBackend(IsolationBackend):
         stack.callback(self._cgroups.release, cgroup)
         fds: dict[str, int] = {}
         stack.callback(close_all, fds)
-        fds["control_r"], fds["control"] = os.pipe()
-        fds["events"], fds["events_w"] = os.pipe()
-        fds["stdout"], fds["stdout_w"] = os.pipe()
-        fds["stderr"], fds["stderr_w"] = os.pipe()
+        driver_pipes(fds)
         extra: list[PlanStep] = []
         if spec.egress is not None:
             extra.append(egress_step(spec.egress.open(sandbox_id)))

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from execbox.errors import ConfigurationError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup
-from execbox.isolation.hostproc import close_all, kill_process, read_available
+from execbox.isolation.hostproc import close_all, driver_pipes, kill_process, read_available
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
 from execbox.isolation.supervise import SupervisedSandbox, wait_ready
@@ -141,10 +141,7 @@ class UnisolatedTestBackend(IsolationBackend):
             tmp.mkdir()
             fds: dict[str, int] = {}
             stack.callback(close_all, fds)
-            fds["control_r"], fds["control"] = os.pipe()
-            fds["events"], fds["events_w"] = os.pipe()
-            fds["stdout"], fds["stdout_w"] = os.pipe()
-            fds["stderr"], fds["stderr_w"] = os.pipe()
+            driver_pipes(fds)
             env = {key: value.replace(RUNTIME_MOUNT, str(spec.runtime_env_dir)) for key, value in spec.env.items()}
             env = {key: str(tmp) + value[4:] if value == "/tmp" or value.startswith("/tmp/") else value
                    for key, value in env.items()}
