@@ -25,6 +25,7 @@ limit is then kept by a :class:`~execbox.isolation.memwatch.MemoryWatch`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import json
 import os
 import subprocess
@@ -61,6 +62,8 @@ from execbox.runtimes import (
     SYSTEM_PYTHON,
     WORKSPACE,
 )
+
+log = logging.getLogger("execbox.namespaces")
 
 __all__ = ["UID_LOCK_DIR", "NamespacesBackend", "NamespacesSandbox", "UidAllocator"]
 
@@ -179,22 +182,23 @@ class NamespacesBackend(IsolationBackend):
         self._cgroups.check()
         self._filter(inet=False)
         if self._use_forkserver:
-            self._pid_namespaces = self._probe_forkserver()
+            try:
+                self._pid_namespaces = self._probe_forkserver()
+            except BackendUnavailableError as exc:
+                # the probe's own sandbox can fail where real ones do not (seen in a Docker
+                # container with the compose file's capabilities): a working bwrap probe keeps
+                # the backend usable, as before the fork-server probe existed
+                if not Path(_BWRAP).exists() or self._bwrap_probe().returncode != 0:
+                    raise
+                log.warning("%s; the bwrap probe passed: building sandboxes with the fork server anyway", exc)
+                self._pid_namespaces = "setns"
             return
         if not Path(_BWRAP).exists():
             raise BackendUnavailableError("bubblewrap is not installed: apt-get install bubblewrap")
         for tool in (_PRLIMIT, _SETPRIV):
             if not Path(tool).exists():
                 raise BackendUnavailableError(f"{tool} is missing: apt-get install util-linux")
-        try:
-            probe = subprocess.run(
-                [_BWRAP, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
-                 "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "/usr/bin/true"],
-                user=self._uid_range[0] + self._uid_range[1] - 1, group=self._uid_range[0] + self._uid_range[1] - 1,
-                extra_groups=[], capture_output=True, env={}, timeout=30, check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BackendUnavailableError(f"bwrap did not run a probe sandbox: {exc}") from exc
+        probe = self._bwrap_probe()
         if probe.returncode == 0:
             return
         said = probe.stderr.decode(errors="replace").strip()
@@ -213,6 +217,18 @@ class NamespacesBackend(IsolationBackend):
             "sysctl -w kernel.unprivileged_userns_clone=1 (Debian) or "
             "sysctl -w user.max_user_namespaces=15000"
         )
+
+    def _bwrap_probe(self) -> subprocess.CompletedProcess[bytes]:
+        """bwrap runs /usr/bin/true in fresh namespaces as the last sandbox uid."""
+        try:
+            return subprocess.run(
+                [_BWRAP, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
+                 "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "/usr/bin/true"],
+                user=self._uid_range[0] + self._uid_range[1] - 1, group=self._uid_range[0] + self._uid_range[1] - 1,
+                extra_groups=[], capture_output=True, env={}, timeout=30, check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendUnavailableError(f"bwrap did not run a probe sandbox: {exc}") from exc
 
     def _probe_forkserver(self) -> str:
         """Have a fork server build one sandbox the way sandboxes are built (namespaces,
