@@ -46,13 +46,12 @@ from execbox.isolation.hostproc import (
     kill_pidfd,
     kill_process,
     open_dir_nofollow,
-    read_available,
 )
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
 from execbox.isolation.rootfs import PlanStep, egress_step, mount_plan, publish_etc
 from execbox.isolation.seccomp import build_filter_fd
-from execbox.isolation.supervise import SupervisedSandbox, wait_ready
+from execbox.isolation.supervise import SupervisedSandbox, await_ready
 from execbox.isolation.uids import UID_LOCK_DIR, UidAllocator
 from execbox.models import Limits
 from execbox.runtimes import (
@@ -400,7 +399,7 @@ class NamespacesBackend(IsolationBackend):
                     server.forget(pid)
 
             stack.callback(reap)
-            reader = _await_ready(fds, spec, sandbox_id)
+            reader = await_ready(fds, spec, sandbox_id)
             release = stack.pop_all()
         return NamespacesSandbox(
             spec,
@@ -456,7 +455,7 @@ class NamespacesBackend(IsolationBackend):
             cgroup.attach(init_pid)
             os.write(fds["block"], b"1")
             os.close(fds.pop("block"))
-            reader = _await_ready(fds, spec, sandbox_id)
+            reader = await_ready(fds, spec, sandbox_id)
             release = stack.pop_all()
         return NamespacesSandbox(
             spec,
@@ -504,14 +503,3 @@ class NamespacesBackend(IsolationBackend):
         for server in servers:
             server.close()
         self._cgroups.close()
-
-
-def _await_ready(fds: dict[str, int], spec: SandboxSpec, sandbox_id: str) -> FrameReader:
-    """Wait for the driver's ``ready``; a failure says what the sandbox printed."""
-    reader = FrameReader()
-    try:
-        wait_ready(fds["events"], spec.startup_timeout_s, reader)
-    except SandboxError as exc:
-        stderr = read_available(fds["stderr"])
-        raise SandboxStartError(f"sandbox {sandbox_id} did not start: {exc}; stderr: {stderr}") from exc
-    return reader

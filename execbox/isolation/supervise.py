@@ -23,13 +23,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from execbox.errors import SandboxError, SandboxProtocolError
+from execbox.errors import SandboxError, SandboxProtocolError, SandboxStartError
 from execbox.isolation.base import DriverReport, OutputSink, RunOutcome, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup
+from execbox.isolation.hostproc import read_available
 from execbox.isolation.protocol import FrameReader, encode_request, parse_report
 from execbox.models import ExecutionRequest, Limits
 
-__all__ = ["CELL_GRACE_S", "Supervised", "SupervisedSandbox", "supervise", "wait_ready"]
+__all__ = ["CELL_GRACE_S", "Supervised", "await_ready", "SupervisedSandbox", "supervise", "wait_ready"]
 
 _CHUNK = 65536
 #: how long output may keep arriving after the driver's report or death
@@ -70,6 +71,18 @@ def wait_ready(events_fd: int, timeout_s: float, reader: FrameReader) -> None:
                 if message.get("event") == "ready":
                     return
                 raise SandboxProtocolError(f"unexpected event before ready: {message.get('event')!r}")
+
+
+def await_ready(fds: dict[str, int], spec: SandboxSpec, sandbox_id: str) -> FrameReader:
+    """Wait for the driver's ``ready`` on ``fds["events"]``; a failure (SandboxStartError)
+    says what the sandbox printed on ``fds["stderr"]``."""
+    reader = FrameReader()
+    try:
+        wait_ready(fds["events"], spec.startup_timeout_s, reader)
+    except SandboxError as exc:
+        stderr = read_available(fds["stderr"])
+        raise SandboxStartError(f"sandbox {sandbox_id} did not start: {exc}; stderr: {stderr}") from exc
+    return reader
 
 
 def supervise(

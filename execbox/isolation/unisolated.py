@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 from execbox.errors import ConfigurationError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup
-from execbox.isolation.hostproc import close_all, driver_pipes, kill_process, read_available
+from execbox.isolation.hostproc import close_all, driver_pipes, kill_process
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
-from execbox.isolation.supervise import SupervisedSandbox, wait_ready
+from execbox.isolation.supervise import SupervisedSandbox, await_ready
 from execbox.runtimes import CONTROL_FD_ENV, DRIVER_MOUNT, EVENTS_FD_ENV, RUNTIME_MOUNT
 
 __all__ = ["UNISOLATED_TEST_BACKEND", "UnisolatedTestBackend", "UnisolatedTestSandbox"]
@@ -157,12 +157,7 @@ class UnisolatedTestBackend(IsolationBackend):
             stack.callback(lambda: _kill_session(process))
             for end in ("control_r", "events_w", "stdout_w", "stderr_w"):
                 os.close(fds.pop(end))
-            reader = FrameReader()
-            try:
-                wait_ready(fds["events"], spec.startup_timeout_s, reader)
-            except SandboxError as exc:
-                stderr = read_available(fds["stderr"])
-                raise SandboxStartError(f"sandbox {sandbox_id} did not start: {exc}; stderr: {stderr}") from exc
+            reader = await_ready(fds, spec, sandbox_id)
             release = stack.pop_all()
         return UnisolatedTestSandbox(
             spec, sandbox_id, process=process, workspace=workspace, fds=fds, reader=reader, release=release
