@@ -49,6 +49,11 @@ class EgressPorts(abc.ABC):
     read-only at ``EGRESS_DIR`` inside and closes it when the sandbox is gone. The sandbox's
     ``egress_key`` says which port its connections arrive on."""
 
+    @property
+    @abc.abstractmethod
+    def directory(self) -> Path:
+        """The host directory every directory ``open`` returns is in."""
+
     @abc.abstractmethod
     def open(self, key: str) -> Path:
         """A fresh host directory holding only a listening socket ``EGRESS_SOCKET_NAME`` for ``key``."""

@@ -29,11 +29,14 @@ from typing import Any
 
 from execbox.errors import SandboxError, SandboxStartError
 from execbox.isolation.hostproc import close_all, kill_pidfd, read_available
-from execbox.isolation.rootfs import PlanStep
+from execbox.isolation.rootfs import PlanStep, guest_plan
 from execbox.isolation.seccomp import syscall_number
 from execbox.runtimes import WORKSPACE
 
-__all__ = ["PROBE_PLAN", "ZYGOTE", "DriverExit", "ForkServer", "Launcher", "exit_pair", "zygote_launcher"]
+__all__ = [
+    "PROBE_PLAN", "VIEW_ZYGOTE", "ZYGOTE", "DriverExit", "ForkServer", "Launcher", "exit_pair", "host_view",
+    "zygote_launcher",
+]  # fmt: skip
 
 log = logging.getLogger("execbox.forkserver")
 
@@ -46,6 +49,38 @@ PROBE_PLAN: list[PlanStep] = [
     ("ro-bind", "/usr", "/usr"), ("symlink", "usr/bin", "/bin"), ("symlink", "usr/lib", "/lib"),
     ("symlink", "usr/lib64", "/lib64"), ("proc", "/proc", ""), ("dev", "/dev", ""), ("tmpfs", WORKSPACE, str(1 << 20)),
 ]  # fmt: skip
+
+
+#: where a host zygote finds itself, and builds its sandboxes' roots, inside its view
+VIEW_ZYGOTE = "/opt/zygote/zygote.py"
+_VIEW_SANDBOX_ROOT = "/sandbox"
+
+
+def host_view(
+    plan: Sequence[PlanStep], host_root: Path, interpreter: str, host_dirs: Sequence[str] = ()
+) -> tuple[dict[str, Any], list[PlanStep], str]:
+    """What a zygote on the host sees (see ``_enter_view`` in isolation/zygote.py): every
+    read-only bind of ``plan`` at its target (a host directory as an overlay of its own, a
+    file copied), the plan's links, and read-write the host's ``/dev``, ``/proc``, cgroup
+    tree and ``host_dirs`` (each at its own path: the egress sockets' directory). Returns
+    the view (with the interpreter, at its path inside, that starts the zygote again
+    there), the plan the sandboxes are built from (each bind from its target, as inside
+    gVisor) and the directory their roots are built in."""
+    steps: list[tuple[str, str, str]] = []
+    for op, source, target in plan:
+        if op == "symlink":
+            steps.append(("symlink", source, target))
+        elif op == "ro-bind":
+            steps.append(("overlay" if Path(source).is_dir() else "copy", source, target))
+        elif op == "bind":
+            steps.append(("rbind", source, target))
+    steps.append(("copy", str(ZYGOTE), VIEW_ZYGOTE))
+    for path in ("/dev", "/proc", "/sys/fs/cgroup", *host_dirs):
+        if Path(path).is_dir():
+            steps.append(("rbind", path, path))
+    view = {"root": str(host_root), "steps": steps, "sandbox_root": _VIEW_SANDBOX_ROOT,
+            "exec": [interpreter, "-I", "-B", VIEW_ZYGOTE]}  # fmt: skip
+    return view, guest_plan(plan), _VIEW_SANDBOX_ROOT
 
 
 @dataclass(frozen=True)
@@ -76,6 +111,7 @@ class ForkServer:
         channel: Sequence[int] | None = None,
         export_dir: str | None = None,
         on_exit: Callable[[int], None] | None = None,
+        view: Mapping[str, Any] | None = None,
     ) -> None:
         self._launch = launch
         self._on_exit = on_exit
@@ -94,6 +130,7 @@ class ForkServer:
             "export": export_dir,
             "syscalls": {name: syscall_number(name) for name in ("clone", "pivot_root", "prctl")},
             "title": "sandbox-init",
+            "view": dict(view) if view else None,
         }
         self._sock: socket.socket | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -126,7 +163,8 @@ class ForkServer:
             parent.settimeout(timeout_s)
             reply = json.loads(parent.recv(65536) or b"{}")
             if reply.get("op") != "ready":
-                raise SandboxStartError(f"the fork server did not start (exit {self.process.poll()})")
+                said = f": {reply['message']}" if reply.get("message") else ""
+                raise SandboxStartError(f"the fork server did not start{said} (exit {self.process.poll()})")
             self.pid_namespaces = str(reply.get("pidns", ""))
             parent.settimeout(None)
         except (OSError, ValueError, SandboxStartError) as exc:

@@ -38,7 +38,7 @@ from typing import Any
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
-from execbox.isolation.forkserver import PROBE_PLAN, ForkServer, exit_pair, zygote_launcher
+from execbox.isolation.forkserver import PROBE_PLAN, ForkServer, exit_pair, host_view, zygote_launcher
 from execbox.isolation.memwatch import WATCH_INTERVAL_S, MemoryWatch, cgroups_enforce_memory
 from execbox.isolation.hostproc import (
     close_all,
@@ -56,6 +56,7 @@ from execbox.isolation.uids import UID_LOCK_DIR, UidAllocator
 from execbox.models import Limits
 from execbox.runtimes import (
     CONTROL_FD_ENV,
+    DRIVER_MOUNT,
     EVENTS_FD_ENV,
     RUNTIME_MOUNT,
     SYSTEM_PYTHON,
@@ -70,6 +71,7 @@ _BWRAP = "/usr/bin/bwrap"
 _PRLIMIT = "/usr/bin/prlimit"
 _SETPRIV = "/usr/bin/setpriv"
 _NICE = "/usr/bin/nice"
+_NSENTER = "/usr/bin/nsenter"
 
 
 class NamespacesSandbox(SupervisedSandbox):
@@ -163,6 +165,8 @@ class NamespacesBackend(IsolationBackend):
         self._state_dir = state_dir / "namespaces"
         self._use_forkserver = forkserver
         self._forkservers: dict[str, ForkServer] = {}
+        #: bwrap launcher: per spec, an fd of the mount namespace holding its view
+        self._views: dict[str, int] = {}
         self._spec_keys: dict[int, str] = {}
         self._uids = UidAllocator(uid_base, uid_count, UID_LOCK_DIR)
         self._uid_range = (uid_base, uid_count)
@@ -233,12 +237,11 @@ class NamespacesBackend(IsolationBackend):
         """Have a fork server build one sandbox the way sandboxes are built (namespaces,
         mounts, cgroup, uid, rlimits, the seccomp filter), which runs /usr/bin/true; returns
         the zygote's PID-namespace mode ("setns" or "unshare")."""
-        root = self._state_dir / "root"
-        root.mkdir(parents=True, exist_ok=True)
+        view, plan, sandbox_root = host_view(PROBE_PLAN, self._view_root(), SYSTEM_PYTHON)
         server = ForkServer(
-            zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=str(root), plan=PROBE_PLAN,
+            zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=sandbox_root, plan=plan,
             seccomp_bpf=self._filter(inet=False), env={}, loopback=True, preload="", driver=None,
-            exec_argv=["/usr/bin/true"],
+            exec_argv=["/usr/bin/true"], view=view,
         )  # fmt: skip
         with contextlib.ExitStack() as stack:
             try:
@@ -266,6 +269,13 @@ class NamespacesBackend(IsolationBackend):
                     os.close(fd)
             return self._filters[inet]
 
+    def _view_root(self) -> Path:
+        """The host directory each zygote mounts its view on, in its own mount namespace
+        (the host never sees a mount there)."""
+        root = self._state_dir / "root"
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
     def _etc(self) -> Path:
         return publish_etc(self._state_dir, *self._uid_range)
 
@@ -274,7 +284,11 @@ class NamespacesBackend(IsolationBackend):
     def _bwrap_argv(self, spec: SandboxSpec, fds: dict[str, int], uid: int, extra: list[PlanStep]) -> list[str]:
         # setpriv(1) drops to the sandbox uid (so the service can vfork: no Popen(user=...)),
         # then prlimit(1) sets the rlimits that bwrap and the program inherit
+        # nsenter enters the spec's view (as root), where every bind's source is its target
         argv = [
+            _NSENTER,
+            f"--mount={self._bwrap_view(spec)}",
+            "--",
             _SETPRIV,
             f"--reuid={uid}",
             f"--regid={uid}",
@@ -291,7 +305,7 @@ class NamespacesBackend(IsolationBackend):
         ]
         # (bwrap brings up the loopback interface of the network namespace it unshares)
         argv += [_BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
-        for op, a, b in [*mount_plan(spec, self._etc(), RUNTIME_MOUNT), *extra]:
+        for op, a, b in [*self._view(spec)[1], *extra]:
             if op == "tmpfs":
                 argv += ["--size", b, "--tmpfs", a]
             elif op in ("proc", "dev"):
@@ -303,7 +317,13 @@ class NamespacesBackend(IsolationBackend):
             argv += ["--setenv", key, value]
         argv += ["--setenv", CONTROL_FD_ENV, str(fds["control_r"]), "--setenv", EVENTS_FD_ENV, str(fds["events_w"])]
         argv += ["--seccomp", str(fds["seccomp"]), "--info-fd", str(fds["info_w"]), "--block-fd", str(fds["block_r"])]
-        return [*argv, "--", *spec.runtime.argv()]
+        # bwrap's options (host paths among them) come from a memfd (--args), so the command
+        # line of the sandbox's pid 1, which the program can read, names none of them
+        at = argv.index(_BWRAP) + 1
+        fds["args"] = os.memfd_create("execbox-bwrap-args")
+        os.write(fds["args"], b"".join(arg.encode() + b"\0" for arg in argv[at:]))
+        os.lseek(fds["args"], 0, os.SEEK_SET)
+        return [*argv[:at], "--args", str(fds["args"]), "--", *spec.runtime.argv()]
 
     def create(self, spec: SandboxSpec) -> Sandbox:
         if not spec.runtime_env_dir.is_dir():
@@ -314,11 +334,48 @@ class NamespacesBackend(IsolationBackend):
             return self._create_forked(spec)
         return self._create_bwrap(spec)
 
-    def _forkserver(self, spec: SandboxSpec) -> ForkServer:
-        """The running zygote for this spec, started (or restarted) on demand."""
+    def _spec_key(self, spec: SandboxSpec) -> str:
         key = self._spec_keys.get(id(spec))
         if key is None:  # specs are built once per pool: compute the key once
             key = self._spec_keys.setdefault(id(spec), repr(spec))
+        return key
+
+    def _view(self, spec: SandboxSpec) -> tuple[dict[str, Any], list[PlanStep], str]:
+        """The view of the host a spec's sandboxes are built from (see ``host_view``)."""
+        runtime = spec.runtime
+        inside = f"{RUNTIME_MOUNT}/bin/python3" if runtime.driver_in_process else SYSTEM_PYTHON
+        host_dirs = [str(spec.egress.directory)] if spec.egress is not None else []
+        return host_view(mount_plan(spec, self._etc(), RUNTIME_MOUNT), self._view_root(), inside, host_dirs)
+
+    def _bwrap_view(self, spec: SandboxSpec) -> str:
+        """bwrap launcher: the path of the mount namespace its sandboxes start from, one whose
+        root is the spec's view, built by a zygote that imports nothing and is stopped once
+        its namespace is held by an fd of this process (the namespace and its mounts end
+        with that fd, at the latest with the service)."""
+        key = self._spec_key(spec)
+        with self._lock:
+            fd = self._views.get(key)
+            if fd is None:
+                view, _, _ = self._view(spec)
+                server = ForkServer(
+                    zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=view["sandbox_root"], plan=[],
+                    seccomp_bpf=b"", env={}, loopback=False, preload="", driver=None, exec_argv=["/usr/bin/true"],
+                    view={**view, "exec": [SYSTEM_PYTHON, "-I", "-B", view["exec"][-1]]},
+                )  # fmt: skip
+                try:
+                    server.start(timeout_s=60.0)
+                    assert server.process is not None
+                    fd = os.open(f"/proc/{server.process.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise SandboxStartError(f"cannot hold the sandboxes' view: {exc}") from exc
+                finally:
+                    server.close()
+                self._views[key] = fd
+        return f"/proc/{os.getpid()}/fd/{fd}"
+
+    def _forkserver(self, spec: SandboxSpec) -> ForkServer:
+        """The running zygote for this spec, started (or restarted) on demand."""
+        key = self._spec_key(spec)
         with self._lock:
             server = self._forkservers.get(key)
             if server is not None and server.alive:
@@ -326,25 +383,23 @@ class NamespacesBackend(IsolationBackend):
             if server is not None:
                 server.close()
             runtime = spec.runtime
-            if runtime.driver_in_process:
-                # the zygote is the runtime's interpreter, already running: its paths stay valid
-                target, interpreter = str(spec.runtime_env_dir), spec.runtime_env_dir / "bin" / "python3"
-            else:
-                target, interpreter = RUNTIME_MOUNT, Path(SYSTEM_PYTHON)
-            env = {k: v.replace(RUNTIME_MOUNT, target) for k, v in spec.env.items()}
-            root = self._state_dir / "root"
-            root.mkdir(parents=True, exist_ok=True)
+            # the zygote starts on the host and again inside its view, where the runtime is at
+            # RUNTIME_MOUNT: a Python zygote is the runtime's interpreter (its paths are then
+            # the sandboxes'), any other runtime's is the system Python
+            interpreter = spec.runtime_env_dir / "bin" / "python3" if runtime.driver_in_process else Path(SYSTEM_PYTHON)
+            view, plan, sandbox_root = self._view(spec)
             server = ForkServer(
-                zygote_launcher(interpreter, env),
-                root_dir=str(root),
-                plan=mount_plan(spec, self._etc(), target),
+                zygote_launcher(interpreter, spec.env),
+                root_dir=sandbox_root,
+                plan=plan,
                 seccomp_bpf=self._filter(spec.egress is not None),
-                env=env,
+                env=spec.env,
                 loopback=spec.egress is not None,
                 preload=",".join(spec.preload_modules),
-                driver=str(runtime.driver_path) if runtime.driver_in_process else None,
+                driver=f"{DRIVER_MOUNT}/{runtime.driver_path.name}" if runtime.driver_in_process else None,
                 exec_argv=None if runtime.driver_in_process else runtime.argv(),
                 nice=spec.warm_nice,
+                view=view,
             )
             server.start()
             self._forkservers[key] = server
@@ -432,14 +487,14 @@ class NamespacesBackend(IsolationBackend):
                     stdin=subprocess.DEVNULL,
                     stdout=fds["stdout_w"],
                     stderr=fds["stderr_w"],
-                    pass_fds=(fds["seccomp"], fds["info_w"], fds["block_r"], fds["control_r"], fds["events_w"]),
+                    pass_fds=(fds["seccomp"], fds["info_w"], fds["block_r"], fds["control_r"], fds["events_w"], fds["args"]),
                     env={},
                     start_new_session=True,
                 )
             except OSError as exc:
                 raise SandboxStartError(f"cannot start bwrap for sandbox {sandbox_id}: {exc}") from exc
             stack.callback(kill_process, process)
-            for name in ("control_r", "events_w", "stdout_w", "stderr_w", "info_w", "block_r", "seccomp"):
+            for name in ("control_r", "events_w", "stdout_w", "stderr_w", "info_w", "block_r", "seccomp", "args"):
                 os.close(fds.pop(name))
             init_pid = self._read_child_pid(fds["info"], process, sandbox_id)
             fds["init_pidfd"] = init_pidfd = os.pidfd_open(init_pid)
@@ -500,6 +555,9 @@ class NamespacesBackend(IsolationBackend):
     def close(self) -> None:
         with self._lock:
             servers, self._forkservers = list(self._forkservers.values()), {}
+            views, self._views = list(self._views.values()), {}
         for server in servers:
             server.close()
+        for fd in views:
+            os.close(fd)
         self._cgroups.close()

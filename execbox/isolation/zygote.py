@@ -178,6 +178,88 @@ def _build_root(root, plan, uid):
     _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
+def _overlay(source, target, empty):
+    """A read-only overlay of the host directory ``source`` at ``target``: a file system of
+    its own, so that a sandbox's /proc/self/mountinfo shows ``/`` and ``overlay`` for it,
+    never the host path or disk. The layers are named by /proc/self/fd links (the kernel
+    shows the names as given), the lower one an empty directory (a read-only overlay needs
+    two). False where the kernel refuses (no overlayfs, or a gVisor without it): then the
+    caller binds instead."""
+    os.makedirs(target, exist_ok=True)
+    fds = [os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), os.open(empty, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+    try:
+        lower = ":".join(f"/proc/self/fd/{fd}" for fd in fds)
+        return _libc.mount(b"overlay", target.encode(), b"overlay", MS_RDONLY | MS_NOSUID | MS_NODEV,
+                           f"lowerdir={lower}".encode()) == 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _copy_in(source, target):
+    """Copy a file, or a directory tree (the published /etc), into the view's tmpfs."""
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+        for entry in os.scandir(source):
+            _copy_in(entry.path, os.path.join(target, entry.name))
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        dst.write(src.read())
+    os.chmod(target, 0o644)
+
+
+def _enter_view(view):
+    """A host zygote's own file system (its *view*), entered before anything is imported:
+    the targets of the sandboxes' mount plan, each from a file system of its own (an
+    overlay per host directory, copies of the files, in a tmpfs), plus what the zygote
+    itself needs of the host (/dev, /proc, the cgroup tree, the egress sockets), in a
+    private mount namespace, then pivoted into. The sandboxes it builds bind target to
+    target (as inside gVisor), so nothing of the host's layout (the state directory, the
+    checkout, the disk) appears in their mountinfo, and the runtime's interpreter runs at
+    its sandbox path. Mounts vanish with the zygote's mount namespace; none is made on the
+    host."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare mount namespace")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    root = view["root"]
+    _mount("execbox", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=0755")
+    empty = root + "/.empty"
+    os.mkdir(empty, 0o555)
+    for op, source, target in view["steps"]:
+        dest = root + target
+        if op == "symlink":
+            os.symlink(source, dest)
+        elif op == "copy":
+            _copy_in(source, dest)
+        elif op == "overlay":
+            if not _overlay(source, dest, empty):
+                _ro_bind(source, dest)
+        elif op == "rbind":
+            _ro_bind(source, dest, writable=True)
+        else:
+            raise OSError(f"unknown view step {op!r}")
+    os.makedirs(root + view["sandbox_root"], exist_ok=True)
+    os.makedirs(root + "/tmp", mode=0o1777, exist_ok=True)  # bwrap's own scratch mount point
+    os.chdir(root)
+    _check(_libc.syscall(SYSCALLS["pivot_root"], b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/")
+
+
+def _exec_in_view(sock, config):
+    """Enter the view, then start again inside it: the interpreter at its sandbox path
+    (so the runtime's own paths are the sandboxes' paths), the configuration handed on in
+    a memfd."""
+    view = config.pop("view")
+    _enter_view(view)
+    fd = os.memfd_create("zygote-config", 0)
+    os.write(fd, json.dumps(config).encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    sock.set_inheritable(True)
+    env = dict(os.environ, EXECBOX_ZYGOTE_FD=str(sock.fileno()), EXECBOX_ZYGOTE_CONFIG_FD=str(fd))
+    os.execve(view["exec"][0], view["exec"], env)
+
+
 def _loopback_up():
     """Bring up ``lo`` in this process's network namespace (a fresh one has it down on
     Linux; gVisor's is up already)."""
@@ -584,11 +666,22 @@ def main():
     sock = socket.socket(fileno=int(os.environ.pop("EXECBOX_ZYGOTE_FD")))
     sock.set_inheritable(False)  # no init or exec'd driver gets it
     children, inits = set(), set()  # drivers; inits (unshare mode)
-    config = json.loads(sock.recv(1 << 22))
+    config_fd = os.environ.pop("EXECBOX_ZYGOTE_CONFIG_FD", None)
+    if config_fd is None:
+        config = json.loads(sock.recv(1 << 22))
+    else:  # started again inside its view (see _exec_in_view)
+        with open(int(config_fd), "rb") as fh:
+            config = json.loads(fh.read())
+    SYSCALLS.update(config["syscalls"])
+    if config.get("view"):
+        try:
+            _exec_in_view(sock, config)
+        except Exception as exc:
+            _send(sock, {"op": "error", "id": "", "message": f"the fork server's view: {exc}"})
+            raise
     _set_title(config.get("title") or "sandbox-init")
     config["filter"] = base64.b64decode(config["filter"])
     config["bounding"] = _bounding_set()
-    SYSCALLS.update(config["syscalls"])
     if config.get("export"):
         config["export_fd"] = os.open(config["export"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     driver = _load_driver(config.get("driver"))

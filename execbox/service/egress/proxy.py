@@ -129,6 +129,10 @@ class EgressProxy(EgressPorts):
         self._lock = threading.Lock()
         self._stats = EgressStats()
 
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
     # -- lifecycle (any thread) --------------------------------------------------------
 
     def start(self) -> None:
