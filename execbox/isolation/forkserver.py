@@ -29,7 +29,7 @@ from typing import Any
 
 from execbox.errors import SandboxError, SandboxStartError
 from execbox.isolation.hostproc import close_all, kill_pidfd, read_available
-from execbox.isolation.rootfs import PlanStep
+from execbox.isolation.rootfs import Op, PlanStep
 from execbox.isolation.seccomp import syscall_number
 from execbox.runtimes import WORKSPACE
 
@@ -43,8 +43,9 @@ ZYGOTE = Path(__file__).resolve().parent / "zygote.py"
 Launcher = Callable[[int], "subprocess.Popen[bytes]"]
 #: the file system of a start-up check's sandbox (see ``ForkServer.probe``; a merged-/usr root)
 PROBE_PLAN: list[PlanStep] = [
-    ("ro-bind", "/usr", "/usr"), ("symlink", "usr/bin", "/bin"), ("symlink", "usr/lib", "/lib"),
-    ("symlink", "usr/lib64", "/lib64"), ("proc", "/proc", ""), ("dev", "/dev", ""), ("tmpfs", WORKSPACE, str(1 << 20)),
+    PlanStep.bind("/usr", "/usr"),
+    *(PlanStep(Op.SYMLINK, f"/{name}", f"usr/{name}") for name in ("bin", "lib", "lib64")),
+    PlanStep(Op.PROC, "/proc"), PlanStep(Op.DEV, "/dev"), PlanStep.tmpfs(WORKSPACE, 1 << 20),
 ]  # fmt: skip
 
 
@@ -82,7 +83,7 @@ class ForkServer:
         self._config: dict[str, Any] = {
             "op": "init",
             "root": root_dir,
-            "plan": [list(step) for step in plan],
+            "plan": [step.wire() for step in plan],
             "filter": base64.b64encode(seccomp_bpf).decode(),
             "env": dict(env),
             "loopback": loopback,
@@ -216,7 +217,7 @@ class ForkServer:
         the spec's)."""
         request = {"op": "spawn", "id": sandbox_id, "uid": uid, "cgroups": cgroup_procs, "rlimits": rlimits}
         if plan:
-            request["plan"] = [list(step) for step in plan]
+            request["plan"] = [step.wire() for step in plan]
         try:
             reply = self._ask(request, fds)
         except SandboxError as exc:

@@ -31,7 +31,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from execbox.isolation.hostproc import (
 )
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
-from execbox.isolation.rootfs import PlanStep, egress_step, mount_plan, publish_etc
+from execbox.isolation.rootfs import Op, PlanStep, egress_step, mount_plan, publish_etc
 from execbox.isolation.seccomp import build_filter_fd
 from execbox.isolation.supervise import SupervisedSandbox, await_ready
 from execbox.isolation.uids import UID_LOCK_DIR, UidAllocator
@@ -64,12 +64,25 @@ from execbox.runtimes import (
 
 log = logging.getLogger("execbox.namespaces")
 
-__all__ = ["UID_LOCK_DIR", "NamespacesBackend", "NamespacesSandbox", "UidAllocator"]
+__all__ = ["UID_LOCK_DIR", "NamespacesBackend", "NamespacesSandbox", "UidAllocator", "bwrap_mount_args"]
 
 _BWRAP = "/usr/bin/bwrap"
 _PRLIMIT = "/usr/bin/prlimit"
 _SETPRIV = "/usr/bin/setpriv"
 _NICE = "/usr/bin/nice"
+
+
+def bwrap_mount_args(plan: Sequence[PlanStep]) -> list[str]:
+    """bwrap's arguments for a mount plan, in its order."""
+    args: list[str] = []
+    for step in plan:
+        if step.op is Op.TMPFS:
+            args += ["--size", str(step.size_bytes), "--tmpfs", step.target]
+        elif step.op in (Op.PROC, Op.DEV):
+            args += [f"--{step.op.value}", step.target]
+        else:  # binds and symlinks: source (link text), then target
+            args += [f"--{step.op.value}", step.source, step.target]
+    return args
 
 
 class NamespacesSandbox(SupervisedSandbox):
@@ -291,13 +304,7 @@ class NamespacesBackend(IsolationBackend):
         ]
         # (bwrap brings up the loopback interface of the network namespace it unshares)
         argv += [_BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
-        for op, a, b in [*mount_plan(spec, self._etc(), RUNTIME_MOUNT), *extra]:
-            if op == "tmpfs":
-                argv += ["--size", b, "--tmpfs", a]
-            elif op in ("proc", "dev"):
-                argv += [f"--{op}", a]
-            else:
-                argv += [f"--{op}", a, b]
+        argv += bwrap_mount_args([*mount_plan(spec, self._etc(), RUNTIME_MOUNT), *extra])
         argv += ["--remount-ro", "/", "--chdir", WORKSPACE, "--clearenv"]
         for key, value in spec.env.items():
             argv += ["--setenv", key, value]
