@@ -53,8 +53,8 @@ from execbox.runtimes import CONTROL_FD_ENV, EVENTS_FD_ENV, WORKSPACE
 __all__ = [
     "CHANNEL_SHELL",
     "EXPORT_DIR",
-    "ZYGOTE_DIR",
     "PROBE_PLAN",
+    "ZYGOTE_DIR",
     "SeccompProfileError",
     "build_config",
     "build_host_config",
