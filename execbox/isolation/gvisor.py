@@ -64,7 +64,6 @@ from execbox.isolation.hostproc import (
     remove_workspace,
 )
 from execbox.isolation.oci import (
-    PROBE_PLAN,
     SeccompProfileError,
     docker_profile_to_oci,
     load_docker_profile,
@@ -73,7 +72,7 @@ from execbox.isolation.oci import (
     probe_config,
 )
 from execbox.isolation.owners import is_orphan, sandbox_name
-from execbox.isolation.rootfs import PlanStep, mount_plan, publish_etc
+from execbox.isolation.rootfs import PlanStep, mount_plan, publish_etc, system_steps
 from execbox.isolation.seccomp import build_filter_fd
 from execbox.runtimes import RUNTIME_MOUNT
 
@@ -249,7 +248,7 @@ class GVisorBackend(IsolationBackend):
         """Run the tiny ``uname`` sandbox of :func:`probe_config` for real (``inner``: the
         mount-namespace probe, as root inside gVisor)."""
         rootfs, _ = self._layout_paths()
-        plan = [*PROBE_PLAN, PlanStep.tmpfs("/tmp", 1 << 20)] if inner else PROBE_PLAN
+        plan = [*system_steps(), *([PlanStep.tmpfs("/tmp", 1 << 20)] if inner else [])]
         make_mount_points(rootfs, plan)
         probe = sandbox_name("probe")
         bundle = self._bundles / probe

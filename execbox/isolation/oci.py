@@ -47,13 +47,12 @@ from typing import Any
 
 from execbox.errors import BackendUnavailableError
 from execbox.isolation.base import SandboxSpec
-from execbox.isolation.rootfs import Op, PlanStep
+from execbox.isolation.rootfs import Op, PlanStep, system_steps
 from execbox.runtimes import CONTROL_FD_ENV, EVENTS_FD_ENV, WORKSPACE
 
 __all__ = [
     "CHANNEL_SHELL",
     "EXPORT_DIR",
-    "PROBE_PLAN",
     "ZYGOTE_DIR",
     "SeccompProfileError",
     "build_config",
@@ -76,8 +75,6 @@ _BIND_RW = ["rbind", "rw", "nosuid", "nodev"]
 #: inside a two-walls gVisor sandbox: where the zygote is and where it exports artifacts
 ZYGOTE_DIR = "/opt/execbox"
 EXPORT_DIR = "/run/export"
-#: the file system of the start-up probe sandbox (:func:`probe_config`)
-PROBE_PLAN = (PlanStep.bind("/usr", "/usr"),)
 #: the host scratch /tmp of a two-walls gVisor sandbox (the zygote's, never an execution's)
 _HOST_TMP_BYTES = 16 << 20
 #: what the fork server needs, as root of the sentry's kernel, to build inner sandboxes
@@ -201,10 +198,11 @@ def build_config(
 
 
 def probe_config(
-    rootfs: Path, uid: int, seccomp: Mapping[str, Any] | None, plan: Sequence[PlanStep] = PROBE_PLAN
+    rootfs: Path, uid: int, seccomp: Mapping[str, Any] | None, plan: Sequence[PlanStep] | None = None
 ) -> dict[str, Any]:
     """A tiny sandbox running ``uname`` (prints ``Linux``), to test runsc for real; its file
-    system is ``plan``, whose mount points the caller makes (:func:`make_mount_points`).
+    system is ``plan`` (by default the host's programs, :func:`~execbox.isolation.rootfs.system_steps`),
+    whose mount points and links the caller makes (:func:`make_mount_points`).
 
     With ``seccomp``, uname(2) is forbidden as well: a probe that still prints ``Linux``
     means runsc ignored the profile.
@@ -224,7 +222,7 @@ def probe_config(
             "noNewPrivileges": True,
         },
         "root": {"path": str(rootfs), "readonly": True},
-        "mounts": oci_mounts(plan),
+        "mounts": oci_mounts(system_steps() if plan is None else plan),
         "linux": linux,
     }
 

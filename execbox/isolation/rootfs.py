@@ -29,7 +29,7 @@ from execbox.isolation.base import SandboxSpec
 from execbox.runtimes import DRIVER_MOUNT, WORKSPACE
 from execbox.runtimes.base import EGRESS_DIR
 
-__all__ = ["ETC_DIRS_FROM_HOST", "Op", "PlanStep", "egress_step", "guest_plan", "mount_plan", "publish_etc"]
+__all__ = ["ETC_DIRS_FROM_HOST", "Op", "PlanStep", "egress_step", "guest_plan", "mount_plan", "publish_etc", "system_steps"]
 
 ETC_FILES_FROM_HOST = ("ld.so.cache", "localtime", "mime.types")
 #: host directories seen read-only under the sandbox's /etc (certificates, fonts...)
@@ -87,6 +87,19 @@ class PlanStep:
         return [self.op.value, self.target, str(self.size_bytes) if self.op is Op.TMPFS else ""]
 
 
+def system_steps() -> list[PlanStep]:
+    """The head of every plan, enough to run the host's programs: ``/usr`` and ``/bin``,
+    ``/lib``, ``/lib64``, ``/sbin`` as the host has them (links or read-only binds)."""
+    steps = [PlanStep.bind("/usr", "/usr")]
+    for name in ("bin", "lib", "lib64", "sbin"):
+        host = Path("/", name)
+        if host.is_symlink():
+            steps.append(PlanStep(Op.SYMLINK, f"/{name}", os.readlink(host)))
+        elif host.is_dir():
+            steps.append(PlanStep.bind(host, f"/{name}"))
+    return steps
+
+
 def mount_plan(spec: SandboxSpec, etc_dir: Path, runtime_target: str) -> list[PlanStep]:
     """The sandbox's file system, in order; one plan for every launcher.
 
@@ -94,13 +107,7 @@ def mount_plan(spec: SandboxSpec, etc_dir: Path, runtime_target: str) -> list[Pl
     sandbox; the host path itself for the host fork server, whose interpreter's own paths
     must stay valid).
     """
-    plan = [PlanStep.bind("/usr", "/usr")]
-    for name in ("bin", "lib", "lib64", "sbin"):
-        host = Path("/", name)
-        if host.is_symlink():
-            plan.append(PlanStep(Op.SYMLINK, f"/{name}", os.readlink(host)))
-        elif host.is_dir():
-            plan.append(PlanStep.bind(host, f"/{name}"))
+    plan = system_steps()
     plan.append(PlanStep.bind(etc_dir, "/etc"))
     plan += [PlanStep.bind(f"/etc/{name}", f"/etc/{name}") for name in ETC_DIRS_FROM_HOST if Path("/etc", name).is_dir()]
     plan += [PlanStep(Op.PROC, "/proc"), PlanStep(Op.DEV, "/dev")]

@@ -26,7 +26,7 @@ from execbox.isolation.oci import (
     prepare_rootfs,
     probe_config,
 )
-from execbox.isolation.rootfs import Op, PlanStep, mount_plan, publish_etc
+from execbox.isolation.rootfs import Op, PlanStep, mount_plan, publish_etc, system_steps
 from execbox.isolation.seccomp import KILLED_SYSCALLS
 from execbox.runtimes import CONTROL_FD_ENV, EVENTS_FD_ENV, get_runtime
 
@@ -281,6 +281,8 @@ def test_load_refuses_what_is_not_a_profile(tmp_path: Path) -> None:
 def test_probe_forbids_uname_on_top_of_the_profile() -> None:
     plain = probe_config(Path("/rootfs"), 65534, None)
     assert plain["process"]["args"] == ["/usr/bin/uname"]
+    # the host's programs, as every plan has them (the links are in the root skeleton)
+    assert [m["destination"] for m in plain["mounts"]] == [s.target for s in system_steps() if s.op is not Op.SYMLINK]
     assert "seccomp" not in plain["linux"]
     section = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["ptrace"], "action": "SCMP_ACT_TRAP"}]}
     checked = probe_config(Path("/rootfs"), 65534, section)
