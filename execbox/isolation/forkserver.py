@@ -29,7 +29,7 @@ from typing import Any
 
 from execbox.errors import SandboxError, SandboxStartError
 from execbox.isolation.hostproc import close_all, kill_pidfd, read_available
-from execbox.isolation.rootfs import PlanStep, guest_plan
+from execbox.isolation.rootfs import Op, PlanStep, guest_plan
 from execbox.isolation.seccomp import syscall_number
 from execbox.runtimes import WORKSPACE
 
@@ -46,8 +46,9 @@ ZYGOTE = Path(__file__).resolve().parent / "zygote.py"
 Launcher = Callable[[int], "subprocess.Popen[bytes]"]
 #: the file system of a start-up check's sandbox (see ``ForkServer.probe``; a merged-/usr root)
 PROBE_PLAN: list[PlanStep] = [
-    ("ro-bind", "/usr", "/usr"), ("symlink", "usr/bin", "/bin"), ("symlink", "usr/lib", "/lib"),
-    ("symlink", "usr/lib64", "/lib64"), ("proc", "/proc", ""), ("dev", "/dev", ""), ("tmpfs", WORKSPACE, str(1 << 20)),
+    PlanStep.bind("/usr", "/usr"),
+    *(PlanStep(Op.SYMLINK, f"/{name}", f"usr/{name}") for name in ("bin", "lib", "lib64")),
+    PlanStep(Op.PROC, "/proc"), PlanStep(Op.DEV, "/dev"), PlanStep.tmpfs(WORKSPACE, 1 << 20),
 ]  # fmt: skip
 
 
@@ -67,13 +68,13 @@ def host_view(
     there), the plan the sandboxes are built from (each bind from its target, as inside
     gVisor) and the directory their roots are built in."""
     steps: list[tuple[str, str, str]] = []
-    for op, source, target in plan:
-        if op == "symlink":
-            steps.append(("symlink", source, target))
-        elif op == "ro-bind":
-            steps.append(("overlay" if Path(source).is_dir() else "copy", source, target))
-        elif op == "bind":
-            steps.append(("rbind", source, target))
+    for step in plan:
+        if step.op is Op.SYMLINK:
+            steps.append(("symlink", step.source, step.target))
+        elif step.op is Op.RO_BIND:
+            steps.append(("overlay" if Path(step.source).is_dir() else "copy", step.source, step.target))
+        elif step.op is Op.BIND:
+            steps.append(("rbind", step.source, step.target))
     steps.append(("copy", str(ZYGOTE), VIEW_ZYGOTE))
     for path in ("/dev", "/proc", "/sys/fs/cgroup", *host_dirs):
         if Path(path).is_dir():
@@ -118,7 +119,7 @@ class ForkServer:
         self._config: dict[str, Any] = {
             "op": "init",
             "root": root_dir,
-            "plan": [list(step) for step in plan],
+            "plan": [step.wire() for step in plan],
             "filter": base64.b64encode(seccomp_bpf).decode(),
             "env": dict(env),
             "loopback": loopback,
@@ -254,7 +255,7 @@ class ForkServer:
         the spec's)."""
         request = {"op": "spawn", "id": sandbox_id, "uid": uid, "cgroups": cgroup_procs, "rlimits": rlimits}
         if plan:
-            request["plan"] = [list(step) for step in plan]
+            request["plan"] = [step.wire() for step in plan]
         try:
             reply = self._ask(request, fds)
         except SandboxError as exc:

@@ -65,7 +65,6 @@ from execbox.isolation.hostproc import (
 )
 from execbox.isolation.oci import (
     SeccompProfileError,
-    SystemBind,
     docker_profile_to_oci,
     load_docker_profile,
     make_mount_points,
@@ -73,7 +72,7 @@ from execbox.isolation.oci import (
     probe_config,
 )
 from execbox.isolation.owners import is_orphan, sandbox_name
-from execbox.isolation.rootfs import mount_plan, publish_etc
+from execbox.isolation.rootfs import PlanStep, mount_plan, publish_etc, system_steps
 from execbox.isolation.seccomp import build_filter_fd
 from execbox.runtimes import RUNTIME_MOUNT
 
@@ -150,7 +149,7 @@ class GVisorBackend(IsolationBackend):
         digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
         self._cgroups = cgroups or CgroupManager(parent=f"{_CGROUP_PARENT}-{digest}")
         self._seccomp: dict[Path, dict[str, Any]] = {}
-        self._layout: tuple[Path, list[SystemBind]] | None = None
+        self._layout: tuple[Path, Path] | None = None
         self._filters: dict[bool, bytes] = {}
         self._free: dict[int, list[GVisorHost]] = {}
         self._hosts: set[GVisorHost] = set()
@@ -249,17 +248,18 @@ class GVisorBackend(IsolationBackend):
         """Run the tiny ``uname`` sandbox of :func:`probe_config` for real (``inner``: the
         mount-namespace probe, as root inside gVisor)."""
         rootfs, _ = self._layout_paths()
+        plan = [*system_steps(), *([PlanStep.tmpfs("/tmp", 1 << 20)] if inner else [])]
+        make_mount_points(rootfs, plan)
         probe = sandbox_name("probe")
         bundle = self._bundles / probe
         bundle.mkdir()
         try:
-            config = probe_config(rootfs, self._uid, seccomp)
+            config = probe_config(rootfs, self._uid, seccomp, plan)
             if inner:
                 config["process"].update(
                     user={"uid": 0, "gid": 0}, args=["/usr/bin/python3", "-I", "-c", _INNER_PROBE],
                     capabilities={k: ["CAP_SYS_ADMIN"] for k in ("bounding", "effective", "permitted")},
                 )  # fmt: skip
-                config["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"})
             (bundle / "config.json").write_text(json.dumps(config))
             argv = self._argv(*_seccomp_flags(seccomp), "run", "--bundle", str(bundle), probe)
             return subprocess.run(
@@ -301,15 +301,15 @@ class GVisorBackend(IsolationBackend):
             self._seccomp[profile] = section
         return section
 
-    def _layout_paths(self) -> tuple[Path, list[SystemBind]]:
-        """The shared read-only root skeleton and the system binds (built once per instance,
+    def _layout_paths(self) -> tuple[Path, Path]:
+        """The shared read-only root skeleton and the minimal /etc (built once per instance,
         in place and idempotently: sandboxes of another instance may be using them)."""
         with self._lock:
             if self._layout is None:
                 for path in (self._root, self._bundles, self._work):
                     path.mkdir(parents=True, exist_ok=True)
                     path.chmod(0o700)  # workspaces belong to uid 65534 on the host: keep host users out
-                self._layout = prepare_rootfs(self._dir, publish_etc(self._dir, *self._uid_range))
+                self._layout = (prepare_rootfs(self._dir), publish_etc(self._dir, *self._uid_range))
             return self._layout
 
     # -- sandboxes -------------------------------------------------------------------
@@ -351,9 +351,8 @@ class GVisorBackend(IsolationBackend):
         for candidate in stale:
             candidate.close()
         if host is None:
-            rootfs, _ = self._layout_paths()
+            _, etc = self._layout_paths()
             with self._lock:
-                make_mount_points(rootfs, spec)
                 inet = spec.egress is not None
                 if inet not in self._filters:
                     fd = build_filter_fd(inet)
@@ -361,10 +360,8 @@ class GVisorBackend(IsolationBackend):
                         self._filters[inet] = os.read(fd, 1 << 20)
                     finally:
                         os.close(fd)
-            _, etc_binds = self._layout
-            etc = next(b.source for b in etc_binds if b.target == "/etc")
             bpf = self._filters[inet]
-            host = GVisorHost(self._host_layout(), spec, mount_plan(spec, etc, RUNTIME_MOUNT), bpf)
+            host = GVisorHost(self._host_layout(), spec, mount_plan(spec, etc), bpf)
             host.start()
             with self._lock:
                 self._hosts.add(host)
@@ -427,11 +424,10 @@ class GVisorBackend(IsolationBackend):
 
     def _create_single(self, spec: SandboxSpec) -> Sandbox:
         seccomp = self._seccomp_section(spec.seccomp_profile or self._seccomp_profile)
-        rootfs, binds = self._layout_paths()
-        with self._lock:
-            make_mount_points(rootfs, spec)
+        _, etc = self._layout_paths()
+        plan = mount_plan(spec, etc)
         layout = self._host_layout()
-        return start_single_use(layout, spec, binds, uid=self._uid, seccomp=seccomp, runsc_flags=_seccomp_flags(seccomp))
+        return start_single_use(layout, spec, plan, uid=self._uid, seccomp=seccomp, runsc_flags=_seccomp_flags(seccomp))
 
     def _delete_state(self, sandbox_id: str) -> None:
         """``runsc delete --force`` when runsc left state for ``sandbox_id`` (the attached

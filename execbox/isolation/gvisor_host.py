@@ -54,7 +54,7 @@ from execbox.isolation.base import SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
 from execbox.isolation.forkserver import ZYGOTE, ForkServer, exit_pair
 from execbox.isolation.hostproc import close_all, driver_pipes, kill_pidfd, kill_process, mount_tmpfs, remove_workspace
-from execbox.isolation.oci import EXPORT_DIR, ZYGOTE_DIR, build_host_config
+from execbox.isolation.oci import EXPORT_DIR, ZYGOTE_DIR, build_host_config, make_mount_points
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
 from execbox.isolation.rootfs import PlanStep, egress_step, guest_plan
@@ -139,6 +139,7 @@ class GVisorHost:
             if spec.egress is not None:
                 self._plan.append(egress_step(spec.egress.open(self.id)))
                 stack.callback(spec.egress.close, self.id)
+            make_mount_points(layout.rootfs, self._plan)
             runtime = spec.runtime
             interpreter = f"{RUNTIME_MOUNT}/bin/python3" if runtime.driver_in_process else SYSTEM_PYTHON
             env = {**spec.env, "EXECBOX_ZYGOTE_FD": str(_GUEST_SOCKET_FD)}

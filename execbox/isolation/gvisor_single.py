@@ -10,7 +10,6 @@ at the workspace; the host reads artifacts from that tmpfs directly.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from execbox.errors import SandboxError, SandboxStartError
-from execbox.isolation.base import Mount, SandboxSpec
+from execbox.isolation.base import SandboxSpec
 from execbox.isolation.cgroups import Cgroup
 from execbox.isolation.gvisor_host import SENTRY_MEMORY_BYTES, HostLayout
 from execbox.isolation.hostproc import (
@@ -32,11 +31,11 @@ from execbox.isolation.hostproc import (
     read_available,
     remove_workspace,
 )
-from execbox.isolation.oci import SystemBind, build_config
+from execbox.isolation.oci import build_config, make_mount_points
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
+from execbox.isolation.rootfs import PlanStep, egress_step
 from execbox.isolation.supervise import SupervisedSandbox, wait_ready
-from execbox.runtimes.base import EGRESS_DIR
 
 __all__ = ["GVisorSandbox", "start_single_use"]
 
@@ -117,13 +116,14 @@ class GVisorSandbox(SupervisedSandbox):
 def start_single_use(
     layout: HostLayout,
     spec: SandboxSpec,
-    binds: Sequence[SystemBind],
+    plan: Sequence[PlanStep],
     *,
     uid: int,
     seccomp: dict[str, Any] | None,
     runsc_flags: Sequence[str],
 ) -> GVisorSandbox:
-    """Start one single-use gVisor sandbox, its driver waiting (blocking); undone on failure."""
+    """Start one single-use gVisor sandbox of mount ``plan`` (the spec's), its driver
+    waiting (blocking); undone on failure."""
     sandbox_id = sandbox_name("gv")
     bundle, workspace = layout.bundles / sandbox_id, layout.work / sandbox_id
     memory_limit_bytes = spec.memory_bytes + layout.sentry_memory_bytes
@@ -135,13 +135,14 @@ def start_single_use(
         mount_tmpfs(workspace, spec.workspace_bytes, uid)
         cgroup = layout.cgroups.create(sandbox_id, memory_limit_bytes, layout.pids_backstop, spec.cpus)
         stack.callback(cgroup.remove)
-        bundled = spec
+        plan = list(plan)
         if spec.egress is not None:  # its own proxy socket (see EgressPorts), reached with --host-uds=open
-            bundled = dataclasses.replace(spec, mounts=(*spec.mounts, Mount(spec.egress.open(sandbox_id), EGRESS_DIR)))
+            plan.append(egress_step(spec.egress.open(sandbox_id)))
             stack.callback(spec.egress.close, sandbox_id)
             runsc_flags = ["--host-uds=open", *runsc_flags]
+        make_mount_points(layout.rootfs, plan)
         config = build_config(
-            bundled, uid=uid, rootfs=layout.rootfs, system_binds=binds, workspace_dir=workspace,
+            spec, plan=plan, uid=uid, rootfs=layout.rootfs, workspace_dir=workspace,
             cgroups_path=f"/{layout.cgroups.parent}/{sandbox_id}", memory_limit_bytes=memory_limit_bytes,
             pids_limit=layout.pids_backstop, seccomp=seccomp,
         )  # fmt: skip

@@ -25,21 +25,26 @@ limit is then kept by a :class:`~execbox.isolation.memwatch.MemoryWatch`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import json
+import logging
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartError
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
-from execbox.isolation.forkserver import PROBE_PLAN, ForkServer, exit_pair, host_view, zygote_launcher
-from execbox.isolation.memwatch import WATCH_INTERVAL_S, MemoryWatch, cgroups_enforce_memory
+from execbox.isolation.forkserver import (
+    PROBE_PLAN,
+    ForkServer,
+    exit_pair,
+    host_view,
+    zygote_launcher,
+)
 from execbox.isolation.hostproc import (
     close_all,
     driver_pipes,
@@ -47,9 +52,14 @@ from execbox.isolation.hostproc import (
     kill_process,
     open_dir_nofollow,
 )
+from execbox.isolation.memwatch import (
+    WATCH_INTERVAL_S,
+    MemoryWatch,
+    cgroups_enforce_memory,
+)
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
-from execbox.isolation.rootfs import PlanStep, egress_step, mount_plan, publish_etc
+from execbox.isolation.rootfs import Op, PlanStep, egress_step, mount_plan, publish_etc
 from execbox.isolation.seccomp import build_filter_fd
 from execbox.isolation.supervise import SupervisedSandbox, await_ready
 from execbox.isolation.uids import UID_LOCK_DIR, UidAllocator
@@ -65,13 +75,39 @@ from execbox.runtimes import (
 
 log = logging.getLogger("execbox.namespaces")
 
-__all__ = ["UID_LOCK_DIR", "NamespacesBackend", "NamespacesSandbox", "UidAllocator"]
+__all__ = ["UID_LOCK_DIR", "NamespacesBackend", "NamespacesSandbox", "UidAllocator", "bwrap_mount_args", "bwrap_options"]
 
 _BWRAP = "/usr/bin/bwrap"
 _PRLIMIT = "/usr/bin/prlimit"
 _SETPRIV = "/usr/bin/setpriv"
 _NICE = "/usr/bin/nice"
 _NSENTER = "/usr/bin/nsenter"
+
+
+def bwrap_mount_args(plan: Sequence[PlanStep]) -> list[str]:
+    """bwrap's arguments for a mount plan, in its order."""
+    args: list[str] = []
+    for step in plan:
+        if step.op is Op.TMPFS:
+            args += ["--size", str(step.size_bytes), "--tmpfs", step.target]
+        elif step.op in (Op.PROC, Op.DEV):
+            args += [f"--{step.op.value}", step.target]
+        else:  # binds and symlinks: source (link text), then target
+            args += [f"--{step.op.value}", step.source, step.target]
+    return args
+
+
+def bwrap_options(spec: SandboxSpec, fds: Mapping[str, int], plan: Sequence[PlanStep]) -> list[str]:
+    """bwrap's options for one sandbox of ``spec`` built from ``plan``, with its channel fds."""
+    # (bwrap brings up the loopback interface of the network namespace it unshares)
+    options = ["--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
+    options += bwrap_mount_args(plan)
+    options += ["--remount-ro", "/", "--chdir", WORKSPACE, "--clearenv"]
+    for key, value in spec.env.items():
+        options += ["--setenv", key, value]
+    options += ["--setenv", CONTROL_FD_ENV, str(fds["control_r"]), "--setenv", EVENTS_FD_ENV, str(fds["events_w"])]
+    options += ["--seccomp", str(fds["seccomp"]), "--info-fd", str(fds["info_w"]), "--block-fd", str(fds["block_r"])]
+    return options
 
 
 class NamespacesSandbox(SupervisedSandbox):
@@ -282,9 +318,9 @@ class NamespacesBackend(IsolationBackend):
     # -- sandboxes -------------------------------------------------------------------
 
     def _bwrap_argv(self, spec: SandboxSpec, fds: dict[str, int], uid: int, extra: list[PlanStep]) -> list[str]:
+        # nsenter enters the spec's view (as root), where every bind's source is its target;
         # setpriv(1) drops to the sandbox uid (so the service can vfork: no Popen(user=...)),
         # then prlimit(1) sets the rlimits that bwrap and the program inherit
-        # nsenter enters the spec's view (as root), where every bind's source is its target
         argv = [
             _NSENTER,
             f"--mount={self._bwrap_view(spec)}",
@@ -302,28 +338,15 @@ class NamespacesBackend(IsolationBackend):
             "--",
             _NICE,
             f"--adjustment={spec.warm_nice}",
+            _BWRAP,
         ]
-        # (bwrap brings up the loopback interface of the network namespace it unshares)
-        argv += [_BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
-        for op, a, b in [*self._view(spec)[1], *extra]:
-            if op == "tmpfs":
-                argv += ["--size", b, "--tmpfs", a]
-            elif op in ("proc", "dev"):
-                argv += [f"--{op}", a]
-            else:
-                argv += [f"--{op}", a, b]
-        argv += ["--remount-ro", "/", "--chdir", WORKSPACE, "--clearenv"]
-        for key, value in spec.env.items():
-            argv += ["--setenv", key, value]
-        argv += ["--setenv", CONTROL_FD_ENV, str(fds["control_r"]), "--setenv", EVENTS_FD_ENV, str(fds["events_w"])]
-        argv += ["--seccomp", str(fds["seccomp"]), "--info-fd", str(fds["info_w"]), "--block-fd", str(fds["block_r"])]
-        # bwrap's options (host paths among them) come from a memfd (--args), so the command
-        # line of the sandbox's pid 1, which the program can read, names none of them
-        at = argv.index(_BWRAP) + 1
+        # bwrap's options come from a memfd (--args), so the command line of the sandbox's
+        # pid 1, which the program can read, names none of them
         fds["args"] = os.memfd_create("execbox-bwrap-args")
-        os.write(fds["args"], b"".join(arg.encode() + b"\0" for arg in argv[at:]))
+        options = bwrap_options(spec, fds, [*self._view(spec)[1], *extra])
+        os.write(fds["args"], b"".join(arg.encode() + b"\0" for arg in options))
         os.lseek(fds["args"], 0, os.SEEK_SET)
-        return [*argv[:at], "--args", str(fds["args"]), "--", *spec.runtime.argv()]
+        return [*argv, "--args", str(fds["args"]), "--", *spec.runtime.argv()]
 
     def create(self, spec: SandboxSpec) -> Sandbox:
         if not spec.runtime_env_dir.is_dir():
@@ -345,7 +368,7 @@ class NamespacesBackend(IsolationBackend):
         runtime = spec.runtime
         inside = f"{RUNTIME_MOUNT}/bin/python3" if runtime.driver_in_process else SYSTEM_PYTHON
         host_dirs = [str(spec.egress.directory)] if spec.egress is not None else []
-        return host_view(mount_plan(spec, self._etc(), RUNTIME_MOUNT), self._view_root(), inside, host_dirs)
+        return host_view(mount_plan(spec, self._etc()), self._view_root(), inside, host_dirs)
 
     def _bwrap_view(self, spec: SandboxSpec) -> str:
         """bwrap launcher: the path of the mount namespace its sandboxes start from, one whose

@@ -1,6 +1,7 @@
 """The OCI runtime config (``config.json``) of one gVisor sandbox, and the translation of a
 Docker-format seccomp profile into its ``linux.seccomp`` section. Pure except
-:func:`prepare_rootfs` / :func:`make_mount_points` (the bundles' shared root skeleton) and
+:func:`prepare_rootfs` / :func:`make_mount_points` (the bundles' shared root skeleton, whose
+mount points and symlinks are those of the mount plan) and
 :func:`load_docker_profile`.
 
 Driver channels: this runsc (2022-12) cannot pass extra fds into a sandbox (no
@@ -36,38 +37,30 @@ network isolation.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
-import os
 import platform
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from execbox.errors import BackendUnavailableError
 from execbox.isolation.base import SandboxSpec
-from execbox.isolation.rootfs import ETC_DIRS_FROM_HOST, PlanStep
-from execbox.runtimes import (
-    CONTROL_FD_ENV,
-    DRIVER_MOUNT,
-    EVENTS_FD_ENV,
-    RUNTIME_MOUNT,
-    WORKSPACE,
-)
-from execbox.runtimes.base import EGRESS_DIR
+from execbox.isolation.rootfs import Op, PlanStep, system_steps
+from execbox.runtimes import CONTROL_FD_ENV, EVENTS_FD_ENV, WORKSPACE
 
 __all__ = [
     "CHANNEL_SHELL",
     "EXPORT_DIR",
     "ZYGOTE_DIR",
     "SeccompProfileError",
-    "SystemBind",
     "build_config",
     "build_host_config",
     "docker_profile_to_oci",
     "load_docker_profile",
     "make_mount_points",
+    "oci_mounts",
     "prepare_rootfs",
     "probe_config",
 ]
@@ -82,6 +75,8 @@ _BIND_RW = ["rbind", "rw", "nosuid", "nodev"]
 #: inside a two-walls gVisor sandbox: where the zygote is and where it exports artifacts
 ZYGOTE_DIR = "/opt/execbox"
 EXPORT_DIR = "/run/export"
+#: the host scratch /tmp of a two-walls gVisor sandbox (the zygote's, never an execution's)
+_HOST_TMP_BYTES = 16 << 20
 #: what the fork server needs, as root of the sentry's kernel, to build inner sandboxes
 _HOST_CAPABILITIES = (
     "CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL", "CAP_CHOWN",
@@ -105,14 +100,6 @@ class SeccompProfileError(BackendUnavailableError):
     """The seccomp profile cannot be applied faithfully by this runsc."""
 
 
-@dataclass(frozen=True)
-class SystemBind:
-    """A host path seen read-only inside every sandbox (``/usr``, the minimal ``/etc``...)."""
-
-    source: Path
-    target: str
-
-
 def _tmpfs(target: str, size_bytes: int, mode: str = "1777") -> dict[str, Any]:
     return {
         "destination": target,
@@ -124,6 +111,27 @@ def _tmpfs(target: str, size_bytes: int, mode: str = "1777") -> dict[str, Any]:
 
 def _bind(source: Path | str, target: str, writable: bool = False) -> dict[str, Any]:
     return {"destination": target, "type": "bind", "source": str(source), "options": _BIND_RW if writable else _BIND_RO}
+
+
+def oci_mounts(plan: Sequence[PlanStep], *, host_dirs: Mapping[str, Path] | None = None) -> list[dict[str, Any]]:
+    """The OCI ``mounts`` of a mount plan, in its order. Symlinks are not mounts: they are
+    in the root skeleton (:func:`make_mount_points`). A tmpfs whose target is in
+    ``host_dirs`` is that host directory (a size-capped tmpfs mounted on the host, so that
+    the host can read it) bound read-write instead."""
+    host_dirs = host_dirs or {}
+    mounts: list[dict[str, Any]] = []
+    for step in plan:
+        if step.is_bind:
+            mounts.append(_bind(step.source, step.target, writable=step.op is Op.BIND))
+        elif step.op is Op.TMPFS and step.target in host_dirs:
+            mounts.append(_bind(host_dirs[step.target], step.target, writable=True))
+        elif step.op is Op.TMPFS:
+            mounts.append(_tmpfs(step.target, step.size_bytes))
+        elif step.op is Op.PROC:
+            mounts.append({"destination": step.target, "type": "proc", "source": "proc"})
+        elif step.op is Op.DEV:  # gVisor fills its own /dev with the usual devices
+            mounts.append({"destination": step.target, "type": "tmpfs", "source": "tmpfs"})
+    return mounts
 
 
 def _linux(spec: SandboxSpec, cgroups_path: str, memory_limit_bytes: int, pids_limit: int) -> dict[str, Any]:
@@ -142,35 +150,25 @@ def _linux(spec: SandboxSpec, cgroups_path: str, memory_limit_bytes: int, pids_l
 def build_config(
     spec: SandboxSpec,
     *,
+    plan: Sequence[PlanStep],
     uid: int,
     rootfs: Path,
-    system_binds: Sequence[SystemBind],
     workspace_dir: Path,
     cgroups_path: str,
     memory_limit_bytes: int,
     pids_limit: int,
     seccomp: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The OCI config of one sandbox built from ``spec`` (see the module docstring).
+    """The OCI config of one sandbox built from ``spec`` (see the module docstring), its
+    mounts rendered from its mount ``plan`` (:func:`execbox.isolation.rootfs.mount_plan`).
 
-    ``rootfs`` is a read-only skeleton holding the mount points and the ``bin -> usr/bin``
-    style symlinks; ``workspace_dir`` is the host directory (a size-capped tmpfs) seen
-    read-write at the workspace. ``memory_limit_bytes`` includes the sentry's own memory;
+    ``rootfs`` is a read-only skeleton holding the plan's mount points and symlinks
+    (:func:`make_mount_points`); ``workspace_dir`` is the host directory (a size-capped
+    tmpfs) seen read-write at the workspace in place of the plan's workspace tmpfs. ``memory_limit_bytes`` includes the sentry's own memory;
     ``pids_limit`` is a backstop only (gVisor counts its own threads), processes are
     contained by ``RLIMIT_NPROC`` = ``spec.pids_max``.
     """
-    driver = spec.runtime.driver_path
-    mounts = [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
-        _tmpfs("/dev/shm", spec.tmp_bytes),
-        *(_bind(b.source, b.target) for b in system_binds),
-        _tmpfs("/tmp", spec.tmp_bytes),
-        _bind(workspace_dir, WORKSPACE, writable=True),
-        _bind(spec.runtime_env_dir, RUNTIME_MOUNT),
-        _bind(driver, f"{DRIVER_MOUNT}/{driver.name}"),
-        *(_bind(m.source, m.target, m.writable) for m in spec.mounts),
-    ]
+    mounts = oci_mounts(plan, host_dirs={WORKSPACE: workspace_dir})
     env = {**spec.env, CONTROL_FD_ENV: str(_CONTROL_FD), EVENTS_FD_ENV: str(_EVENTS_FD)}
     linux = _linux(spec, cgroups_path, memory_limit_bytes, pids_limit)
     if seccomp is not None:
@@ -199,8 +197,12 @@ def build_config(
     }
 
 
-def probe_config(rootfs: Path, uid: int, seccomp: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A tiny sandbox running ``uname`` (prints ``Linux``), to test runsc for real.
+def probe_config(
+    rootfs: Path, uid: int, seccomp: Mapping[str, Any] | None, plan: Sequence[PlanStep] | None = None
+) -> dict[str, Any]:
+    """A tiny sandbox running ``uname`` (prints ``Linux``), to test runsc for real; its file
+    system is ``plan`` (by default the host's programs, :func:`~execbox.isolation.rootfs.system_steps`),
+    whose mount points and links the caller makes (:func:`make_mount_points`).
 
     With ``seccomp``, uname(2) is forbidden as well: a probe that still prints ``Linux``
     means runsc ignored the profile.
@@ -220,7 +222,7 @@ def probe_config(rootfs: Path, uid: int, seccomp: Mapping[str, Any] | None) -> d
             "noNewPrivileges": True,
         },
         "root": {"path": str(rootfs), "readonly": True},
-        "mounts": [_bind("/usr", "/usr")],
+        "mounts": oci_mounts(system_steps() if plan is None else plan),
         "linux": linux,
     }
 
@@ -228,38 +230,38 @@ def probe_config(rootfs: Path, uid: int, seccomp: Mapping[str, Any] | None) -> d
 # -- the root skeleton (host I/O) -----------------------------------------------------
 
 
-def prepare_rootfs(directory: Path, etc: Path) -> tuple[Path, list[SystemBind]]:
-    """Build (in place, idempotently) the shared read-only root skeleton of every bundle
-    (mount points, ``bin -> usr/bin`` style links) under ``directory``; returns it and the
-    system binds (``/usr``, the published minimal ``/etc`` and the host's /etc dirs)."""
+def prepare_rootfs(directory: Path) -> Path:
+    """Create (in place, idempotently) the shared read-only root skeleton of every bundle
+    under ``directory`` with the mount points of what no plan holds (the two walls' zygote
+    and export directory, ``/sys``); each plan's own are made by :func:`make_mount_points`."""
     rootfs = directory / "rootfs"
-    binds = [SystemBind(Path("/usr"), "/usr")]
-    rootfs.mkdir(parents=True, exist_ok=True)
-    for name in ("bin", "lib", "lib64", "sbin"):
-        host = Path("/", name)
-        if host.is_symlink() and not (rootfs / name).is_symlink():
-            (rootfs / name).symlink_to(os.readlink(host))
-        elif host.is_dir() and not host.is_symlink():
-            binds.append(SystemBind(host, f"/{name}"))
-    mount_points = ("usr", "etc", "proc", "dev", "sys", "tmp", WORKSPACE, RUNTIME_MOUNT, DRIVER_MOUNT, ZYGOTE_DIR, EXPORT_DIR, EGRESS_DIR)
-    for target in mount_points:
+    for target in ("sys", EXPORT_DIR, ZYGOTE_DIR):
         (rootfs / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    binds.append(SystemBind(etc, "/etc"))
-    binds += [SystemBind(Path("/etc", n), f"/etc/{n}") for n in ETC_DIRS_FROM_HOST if Path("/etc", n).is_dir()]
-    return rootfs, binds
+    (rootfs / ZYGOTE_DIR.lstrip("/") / "zygote.py").touch()
+    return rootfs
 
 
-def make_mount_points(rootfs: Path, spec: SandboxSpec) -> None:
-    """What a spec binds over must exist in the read-only skeleton (the driver, the zygote, mounts)."""
-    wanted = [(rootfs / DRIVER_MOUNT.lstrip("/") / spec.runtime.driver_path.name, False)]
-    wanted.append((rootfs / ZYGOTE_DIR.lstrip("/") / "zygote.py", False))
-    wanted += [(rootfs / m.target.lstrip("/"), m.source.is_dir()) for m in spec.mounts]
-    for path, is_dir in wanted:
-        if is_dir:
-            path.mkdir(parents=True, exist_ok=True)
-        elif not path.exists():
+def make_mount_points(rootfs: Path, plan: Sequence[PlanStep]) -> None:
+    """What ``plan`` mounts over or links must exist in the read-only skeleton ``rootfs``:
+    a directory (a file, for a bind of a file) per mount target, its symlinks. Targets
+    inside an earlier mount are left to that mount (the minimal /etc holds its own mount
+    points). Safe to run concurrently and again."""
+    mounted: list[str] = []
+    for step in plan:
+        if any(step.target.startswith(f"{outer.rstrip('/')}/") for outer in mounted):
+            continue
+        path = rootfs / step.target.lstrip("/")
+        if step.op is Op.SYMLINK:
+            if not path.is_symlink():
+                with contextlib.suppress(FileExistsError):
+                    path.symlink_to(step.source)
+            continue
+        mounted.append(step.target)
+        if step.is_bind and not Path(step.source).is_dir():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
+        else:
+            path.mkdir(parents=True, exist_ok=True)
 
 
 def build_host_config(
@@ -281,11 +283,10 @@ def build_host_config(
     wall's mount ``plan`` (so the inner plan can bind them again from inside), the zygote,
     a scratch ``/tmp`` and the host directory artifacts are exported to."""
     mounts = [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
-        _tmpfs("/tmp", 16 << 20, mode="0700"),
-        *(_bind(a, b) for op, a, b in plan if op == "ro-bind"),
-        *(_bind(a, b, writable=True) for op, a, b in plan if op == "bind"),
+        *oci_mounts([PlanStep(Op.PROC, "/proc"), PlanStep(Op.DEV, "/dev")]),
+        _tmpfs("/tmp", _HOST_TMP_BYTES, mode="0700"),
+        *oci_mounts([step for step in plan if step.op is Op.RO_BIND]),
+        *oci_mounts([step for step in plan if step.op is Op.BIND]),
         _bind(zygote, f"{ZYGOTE_DIR}/zygote.py"),
         _bind(export_dir, EXPORT_DIR, writable=True),
     ]

@@ -19,7 +19,6 @@ from execbox.isolation.base import Mount, SandboxSpec
 from execbox.isolation.oci import (
     CHANNEL_SHELL,
     SeccompProfileError,
-    SystemBind,
     build_config,
     docker_profile_to_oci,
     load_docker_profile,
@@ -27,7 +26,7 @@ from execbox.isolation.oci import (
     prepare_rootfs,
     probe_config,
 )
-from execbox.isolation.rootfs import publish_etc
+from execbox.isolation.rootfs import Op, PlanStep, mount_plan, publish_etc, system_steps
 from execbox.isolation.seccomp import KILLED_SYSCALLS
 from execbox.runtimes import CONTROL_FD_ENV, EVENTS_FD_ENV, get_runtime
 
@@ -55,14 +54,15 @@ def _config(spec: SandboxSpec | None = None, **overrides: object) -> dict:
     values: dict[str, object] = {
         "uid": 65534,
         "rootfs": Path("/state/gvisor/rootfs"),
-        "system_binds": [SystemBind(Path("/usr"), "/usr"), SystemBind(Path("/state/gvisor/etc"), "/etc")],
         "workspace_dir": Path("/state/gvisor/work/gv-1"),
         "cgroups_path": "/execbox-gvisor-x/gv-1",
         "memory_limit_bytes": 320 << 20,
         "pids_limit": 1024,
     }
     values.update(overrides)
-    return build_config(spec or _spec(), **values)  # type: ignore[arg-type]
+    spec = spec or _spec()
+    values.setdefault("plan", mount_plan(spec, Path("/state/gvisor/etc")))
+    return build_config(spec, **values)  # type: ignore[arg-type]
 
 
 def _mount(config: dict, target: str) -> dict:
@@ -119,11 +119,15 @@ def test_mounts_of_the_spec() -> None:
         assert "mode=1777" in tmpfs["options"]
 
 
-def test_system_binds_come_before_what_is_mounted_inside_them() -> None:
-    binds = [SystemBind(Path("/state/etc"), "/etc"), SystemBind(Path("/etc/ssl"), "/etc/ssl")]
-    targets = [m["destination"] for m in _config(system_binds=binds)["mounts"]]
-    assert targets.index("/etc") < targets.index("/etc/ssl")
-    assert targets.index("/tmp") < targets.index("/workspace")
+def test_mounts_follow_the_plan_in_its_order() -> None:
+    spec = _spec()
+    plan = mount_plan(spec, Path("/state/etc"))
+    targets = [m["destination"] for m in _config(spec, plan=plan)["mounts"]]
+    assert targets == [step.target for step in plan if step.op is not Op.SYMLINK]
+    assert targets.index("/etc") < min((targets.index(t) for t in targets if t.startswith("/etc/")), default=99)
+    assert targets.index("/dev") < targets.index("/dev/shm")
+    extra = PlanStep.bind("/state/egress/gv-1", "/run/egress")
+    assert _config(spec, plan=[*plan, extra])["mounts"][-1]["destination"] == "/run/egress"
 
 
 def test_extra_mounts_keep_their_mode() -> None:
@@ -277,6 +281,8 @@ def test_load_refuses_what_is_not_a_profile(tmp_path: Path) -> None:
 def test_probe_forbids_uname_on_top_of_the_profile() -> None:
     plain = probe_config(Path("/rootfs"), 65534, None)
     assert plain["process"]["args"] == ["/usr/bin/uname"]
+    # the host's programs, as every plan has them (the links are in the root skeleton)
+    assert [m["destination"] for m in plain["mounts"]] == [s.target for s in system_steps() if s.op is not Op.SYMLINK]
     assert "seccomp" not in plain["linux"]
     section = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["ptrace"], "action": "SCMP_ACT_TRAP"}]}
     checked = probe_config(Path("/rootfs"), 65534, section)
@@ -290,36 +296,44 @@ def test_probe_forbids_uname_on_top_of_the_profile() -> None:
 # -- the root skeleton -------------------------------------------------------------------
 
 
-def test_prepare_rootfs_builds_mount_points_links_and_a_minimal_etc(tmp_path: Path) -> None:
+def test_the_root_skeleton_holds_the_mount_points_and_links_of_the_plan(tmp_path: Path) -> None:
     etc = publish_etc(tmp_path, 60001, 4)
-    rootfs, binds = prepare_rootfs(tmp_path, etc)
+    rootfs = prepare_rootfs(tmp_path)
     assert rootfs == tmp_path / "rootfs"
-    for target in ("usr", "etc", "proc", "dev", "tmp", "workspace", "opt/runtime", "opt/driver", "opt/execbox", "run/export"):
+    assert (rootfs / "opt" / "execbox" / "zygote.py").is_file() and (rootfs / "run" / "export").is_dir()
+    env = tmp_path / "env"
+    env.mkdir()
+    plan = mount_plan(_spec(runtime_env_dir=env), etc)
+    make_mount_points(rootfs, plan)
+    for target in ("usr", "etc", "proc", "dev", "tmp", "workspace", "opt/runtime"):
         assert (rootfs / target).is_dir(), target
+    assert (rootfs / "opt" / "driver" / "driver.py").is_file()
     for name in ("bin", "lib", "lib64", "sbin"):
         host = Path("/", name)
         if host.is_symlink():
             assert os.readlink(rootfs / name) == os.readlink(host)
-    targets = [b.target for b in binds]
-    assert targets[0] == "/usr"
-    assert targets.index("/etc") < min((targets.index(t) for t in targets if t.startswith("/etc/")), default=99)
-    assert next(b.source for b in binds if b.target == "/etc") == etc
+    # what is mounted inside an earlier mount is that mount's business (the minimal /etc's, /dev's)
+    assert not (rootfs / "dev" / "shm").exists()
+    assert not any((rootfs / "etc").iterdir())
+    for name in ("ssl", "alternatives", "fonts"):
+        assert (etc / name).is_dir()  # the minimal /etc holds the mount points of its host dirs
     passwd = (etc / "passwd").read_text()
     assert "sandbox0:x:60001:60001:" in passwd and "sandbox3:x:60004:60004:" in passwd
     assert "nobody:x:65534:65534:" in passwd
     assert (etc / "group").read_text().endswith("nogroup:x:65534:\n")
     assert not (etc / "shadow").exists()
     assert publish_etc(tmp_path, 60001, 4) == etc  # published once, by content
-    assert prepare_rootfs(tmp_path, etc) == (rootfs, binds)  # idempotent, in place
+    assert prepare_rootfs(tmp_path) == rootfs  # idempotent, in place
+    make_mount_points(rootfs, plan)
 
 
 def test_make_mount_points_for_the_driver_and_extra_mounts(tmp_path: Path) -> None:
-    rootfs, _ = prepare_rootfs(tmp_path, publish_etc(tmp_path, 60001, 4))
+    rootfs = prepare_rootfs(tmp_path)
     source_dir = tmp_path / "data"
     source_dir.mkdir()
     (source_dir / "hosts").write_text("x")
     spec = _spec("nodejs", mounts=(Mount(source_dir, "/data/in"), Mount(tmp_path / "data" / "hosts", "/srv/hosts")))
-    make_mount_points(rootfs, spec)
+    make_mount_points(rootfs, mount_plan(spec, publish_etc(tmp_path, 60001, 4)))
     assert (rootfs / "opt" / "driver" / "driver.js").is_file()
     assert (rootfs / "opt" / "execbox" / "zygote.py").is_file()
     assert (rootfs / "data" / "in").is_dir()
