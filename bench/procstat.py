@@ -6,7 +6,9 @@ utime + stime (all threads) and cutime + cstime (children it has reaped). Betwee
 readings, the difference of the sums is the CPU that the whole tree used: a descendant
 that exited in between appears in its parent's cutime/cstime, and its own earlier reading
 is subtracted, so nothing is lost or counted twice (granularity: one clock tick, 10 ms, per
-process per reading).
+process per reading). A descendant re-parented out of the tree before it ends (gVisor's
+sandbox processes, when a gVisor sandbox is recycled) takes its CPU with it: when that
+makes the sum smaller than the service process's own CPU, only the latter is reported.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class TreeCpu:
             return None  # the service restarted in between
         own_root = after[root_key][0] - before[root_key][0]
         total = sum(sum(v) for v in after.values()) - sum(sum(v) for v in before.values())
+        if total < own_root:
+            # a descendant ended and was reaped outside the tree (runsc's sandbox processes are
+            # re-parented): its CPU since ``before`` is lost, the sum is not a figure
+            return {"service_process_s": round(own_root, 3)}
         return {"service_process_s": round(own_root, 3), "below_service_s": round(total - own_root, 3),
                 "total_s": round(total, 3)}
 
