@@ -55,9 +55,9 @@ __all__ = [
     "EGRESS_SOCKET_NAME",
     "EVENTS_FD_ENV",
     "RUNTIME_MOUNT",
-    "PackageGrammar",
     "SYSTEM_PYTHON",
     "WORKSPACE",
+    "PackageGrammar",
     "Runtime",
 ]
 

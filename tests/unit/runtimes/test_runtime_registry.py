@@ -3,7 +3,6 @@ installers and the static check's rule sets all agree with it."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,24 @@ import pytest
 from execbox.errors import BadRequestError
 from execbox.models import Language
 from execbox.policy import INSPECTORS, inspect_code
-from execbox.runtimes import RUNTIMES, find_runtime, get_runtime, language_names, runtime_for_file
+from execbox.runtimes import (
+    RUNTIMES,
+    Runtime,
+    find_runtime,
+    get_runtime,
+    language_names,
+    runtime_for_file,
+)
 from execbox.service.environments import BUILDERS
 from execbox.service.package_install import INSTALLERS
-from execbox.service.packages import PACKAGES_MOUNT, package_spec, parse_requirements, requirement_name
+from execbox.service.packages import (
+    PACKAGES_MOUNT,
+    package_spec,
+    parse_requirements,
+    requirement_name,
+)
 from execbox.service.specs import sandbox_spec
-from execbox.settings import Settings
+from execbox.settings import CodeCheckMode, Settings
 
 
 def test_every_language_has_a_runtime_and_every_runtime_a_language() -> None:
@@ -27,20 +38,20 @@ def test_every_language_has_a_runtime_and_every_runtime_a_language() -> None:
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES.values(), ids=lambda r: r.name)
-def test_what_a_runtime_names_is_registered_in_its_layer(runtime: object) -> None:
-    assert runtime.builder in BUILDERS  # type: ignore[attr-defined]
-    assert runtime.packages.installer in INSTALLERS  # type: ignore[attr-defined]
-    assert runtime.inspector in INSPECTORS  # type: ignore[attr-defined]
-    assert runtime.display_name and runtime.file_suffixes  # type: ignore[attr-defined]
-    assert runtime.driver_path.is_file() and runtime.packages_file.is_file()  # type: ignore[attr-defined]
+def test_what_a_runtime_names_is_registered_in_its_layer(runtime: Runtime) -> None:
+    assert runtime.builder in BUILDERS
+    assert runtime.packages.installer in INSTALLERS
+    assert runtime.inspector in INSPECTORS
+    assert runtime.display_name and runtime.file_suffixes
+    assert runtime.driver_path.is_file() and runtime.packages_file.is_file()
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES.values(), ids=lambda r: r.name)
-def test_names_and_aliases_find_their_runtime_and_parse_on_the_wire(runtime: object) -> None:
-    for name in (runtime.name, *runtime.aliases):  # type: ignore[attr-defined]
+def test_names_and_aliases_find_their_runtime_and_parse_on_the_wire(runtime: Runtime) -> None:
+    for name in (runtime.name, *runtime.aliases):
         assert find_runtime(name) is runtime
         assert find_runtime(f" {name.upper()} ") is runtime
-        assert Language(name) is runtime.language  # type: ignore[attr-defined]  # the wire accepts it too
+        assert Language(name) is runtime.language  # the wire accepts it too
         assert get_runtime(name) is runtime
 
 
@@ -61,10 +72,13 @@ def test_the_language_of_a_file_is_its_suffix_s(file_name: str, language: str) -
 
 
 def test_the_check_uses_the_rule_set_the_runtime_names() -> None:
-    assert inspect_code("import os", "python") == INSPECTORS["python"]("import os", Settings.model_fields["code_check"].default)
-    assert inspect_code("require('fs')", "javascript") and inspect_code("require('fs')", "javascript") == inspect_code(
-        "require('fs')", "nodejs"
-    )
+    for runtime in RUNTIMES.values():
+        for mode in (CodeCheckMode.BLOCK, CodeCheckMode.GUARD):
+            for code in ("import os", "require('fs')", "eval('1')"):
+                expected = INSPECTORS[runtime.inspector](code, mode)
+                assert inspect_code(code, runtime.name, mode) == expected
+                assert all(inspect_code(code, alias, mode) == expected for alias in runtime.aliases)
+    assert inspect_code("import os", "python") and inspect_code("require('fs')", "javascript")
 
 
 def test_preload_applies_to_the_runtimes_that_declare_it(tmp_path: Path) -> None:
@@ -96,4 +110,3 @@ def test_a_package_layer_is_on_the_import_path_the_runtime_declares(tmp_path: Pa
     node = package_spec(node_spec, tmp_path)
     assert node.env["NODE_PATH"] == f"{PACKAGES_MOUNT}/node_modules:{node_spec.env['NODE_PATH']}"
     assert node.runtime == node_spec.runtime
-    assert dataclasses.replace(node.runtime) == RUNTIMES[Language.NODEJS]

@@ -10,7 +10,14 @@ import pytest
 from execbox.errors import BackendUnavailableError, ConfigurationError
 from execbox.isolation.base import IsolationBackend
 from execbox.service import backends
-from execbox.service.backends import AUTO_ORDER, BACKEND_NAMES, BACKENDS, BackendEntry, build_backend, select_backend
+from execbox.service.backends import (
+    AUTO_ORDER,
+    BACKEND_NAMES,
+    BACKENDS,
+    BackendEntry,
+    build_backend,
+    select_backend,
+)
 from execbox.settings import BackendChoice, Settings
 
 
