@@ -14,6 +14,7 @@ import typer
 
 from execbox.errors import ConfigurationError, ExecboxError
 from execbox.models import ExecutionRequest, Language
+from execbox.runtimes import language_names, runtime_for_file
 
 __all__ = ["app"]
 
@@ -67,7 +68,7 @@ def _result_json(result: Any) -> dict[str, Any]:
 @app.command()
 def run(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="source file defining main()")],
-    language: Annotated[Optional[str], typer.Option(help="python | nodejs (default: from the file name)")] = None,
+    language: Annotated[Optional[str], typer.Option(help=f"{' | '.join(language_names())} (default: from the file name)")] = None,
     args: Annotated[str, typer.Option("--args", help="JSON object of arguments for main")] = "{}",
     backend: Annotated[Optional[str], typer.Option(help="gvisor | namespaces (default: SANDBOX_BACKEND)")] = None,
 ) -> None:
@@ -79,7 +80,7 @@ def run(
     settings = _settings(**({"backend": backend} if backend else {}))
     if "forkserver" not in settings.model_fields_set:
         settings = settings.model_copy(update={"forkserver": False})
-    lang = language or ("nodejs" if file.suffix in (".js", ".mjs", ".cjs") else "python")
+    lang = language or runtime_for_file(file.name).name
     try:
         arguments = json.loads(args)
         if not isinstance(arguments, dict):

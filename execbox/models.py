@@ -38,7 +38,12 @@ __all__ = [
 
 
 class Language(StrEnum):
-    """A supported language; ``javascript`` is accepted as an alias of ``nodejs``."""
+    """A supported language; ``javascript`` is accepted as an alias of ``nodejs``.
+
+    The wire's list: one member per runtime of ``execbox.runtimes.RUNTIMES``, where all the
+    rest about a language is declared (a unit test keeps the two in step). The aliases are
+    here because the client parses them without the runtimes.
+    """
 
     PYTHON = "python"
     NODEJS = "nodejs"

@@ -53,7 +53,9 @@ _RATE_PERIODS_S = {"second": 1.0, "s": 1.0, "minute": 60.0, "m": 60.0, "hour": 3
 DURATION_FORM = "a duration such as 500ms, 10s, 2m or 1m30s"
 SIZE_FORM = "a size such as 512k, 256m or 1g (units b, k, m, g)"
 #: one SANDBOX_PACKAGES entry: an npm or PyPI name, optionally with its language
-_ALLOWED_PACKAGE = re.compile(r"(?:(?:python|nodejs):)?(?:@[a-z0-9][a-z0-9._~-]*/)?[a-z0-9][a-z0-9._~-]*")
+_ALLOWED_PACKAGE = re.compile(
+    rf"(?:(?:{'|'.join(map(re.escape, Language))}):)?(?:@[a-z0-9][a-z0-9._~-]*/)?[a-z0-9][a-z0-9._~-]*"
+)
 RATE_FORM = "a rate such as 100/minute, 10/second or 1000/hour, or empty for no limit"
 
 
@@ -348,7 +350,7 @@ class Settings(BaseSettings):
         if bad or not names:
             raise ValueError(
                 f"{value!r} is not off, any, or a comma-separated list of package names "
-                "(each optionally prefixed python: or nodejs:)"
+                f"(each optionally prefixed {' or '.join(f'{language}:' for language in Language)})"
             )
         return ",".join(dict.fromkeys(names))
 

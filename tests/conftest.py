@@ -32,24 +32,26 @@ import pytest
 from execbox.errors import BackendUnavailableError
 from execbox.isolation.base import IsolationBackend, Sandbox
 from execbox.models import ExecutionRequest, ExecutionResult, Language, Limits, Status
-from execbox.service.backends import BACKEND_NAMES as KNOWN_BACKENDS
+from execbox.service.backends import BACKENDS
 from execbox.settings import Settings
 
-#: every backend execbox can build, in every mode: the namespaces backend with each launcher
-#: (fork server, bwrap) and gVisor with two walls (a pool of 1, so that successive executions
-#: really share one gVisor sandbox) and single-use; unavailable ones are skipped, with the reason
-BACKEND_VARIANTS: dict[str, dict[str, Any]] = {
-    "namespaces": {},
-    "namespaces-bwrap": {"forkserver": False},
-    "gvisor": {},
-    "gvisor-single": {"gvisor_executions_per_sandbox": 1},
+#: every backend of the registry that settings may name, in every mode it declares (e.g. the
+#: namespaces backend with each launcher, fork server and bwrap; gVisor with two walls, a pool
+#: of 1 so that successive executions really share one gVisor sandbox, and single-use):
+#: variant name -> (backend, settings of the mode); unavailable ones are skipped, with the reason
+_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    variant: (entry.name, dict(overrides))
+    for entry in BACKENDS
+    if entry.from_settings
+    for variant, overrides in ((entry.name, ()), *((f"{entry.name}-{m}", o) for m, o in entry.modes))
 }
-BACKEND_NAMES = tuple(dict.fromkeys((*BACKEND_VARIANTS, *KNOWN_BACKENDS)))
+BACKEND_VARIANTS: dict[str, dict[str, Any]] = {variant: overrides for variant, (_, overrides) in _VARIANTS.items()}
+BACKEND_NAMES = tuple(BACKEND_VARIANTS)
 
 
 def base_backend(variant: str) -> str:
     """The backend a variant is a mode of (``gvisor-single`` -> ``gvisor``)."""
-    return variant.split("-", 1)[0]
+    return _VARIANTS[variant][0]
 #: the limits the suites rely on, fixed here rather than taken from the environment (other
 #: settings, e.g. SANDBOX_ENABLE_NETWORK or SANDBOX_FORKSERVER, are the configured ones)
 SANDBOX_SETTINGS = {

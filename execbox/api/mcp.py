@@ -63,7 +63,7 @@ from execbox.models import (
     SessionRequest,
     Status,
 )
-from execbox.runtimes import RUNTIMES, Runtime
+from execbox.runtimes import RUNTIMES, Runtime, language_names
 from execbox.service.executor import Executor
 from execbox.service.quotas import Quotas
 from execbox.service.sessions import SessionManager
@@ -83,7 +83,12 @@ TEXT_TYPES = frozenset({"text/csv", "application/json", "text/html", "image/svg+
 _PROBE_TIMEOUT_S = 5.0
 
 Code = Annotated[str, Field(description="the program's source code")]
-LanguageArg = Annotated[Literal["python", "nodejs"], Field(description="python (default) or nodejs")]
+_LANGUAGES = language_names()
+#: the tools' language argument: one of the registered runtimes, the first by default
+LanguageArg = Annotated[
+    Literal[_LANGUAGES],  # type: ignore[valid-type]
+    Field(description=f"{_LANGUAGES[0]} (default) or {' or '.join(_LANGUAGES[1:])}"),
+]
 SessionId = Annotated[str, Field(description="the session_id that create_session returned")]
 
 
@@ -117,15 +122,15 @@ def _packages(runtime: Runtime) -> list[str]:
 
 def _interpreter_version(runtime: Runtime, settings: Settings) -> str:
     """``3.11`` / ``20``: the built Python environment's version, or what node says (else "")."""
-    if runtime.language is Language.PYTHON:
+    if runtime.version_file is not None:
         with contextlib.suppress(OSError):
-            for line in (runtime.env_dir(settings.runtime_dir) / "pyvenv.cfg").read_text().splitlines():
+            for line in (runtime.env_dir(settings.runtime_dir) / runtime.version_file).read_text().splitlines():
                 key, _, value = line.partition("=")
                 if key.strip() == "version":
                     return ".".join(value.strip().split(".")[:2])
         return ""
     try:
-        out = subprocess.run([runtime.argv_template[0], "--version"], capture_output=True, text=True,
+        out = subprocess.run([str(runtime.interpreter), "--version"], capture_output=True, text=True,
                              timeout=_PROBE_TIMEOUT_S, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -134,12 +139,11 @@ def _interpreter_version(runtime: Runtime, settings: Settings) -> str:
 
 def _environment(settings: Settings, *, session: bool) -> str:
     """What the run tools share: interpreters, packages, files, network, limits, the check."""
-    names = {Language.PYTHON: "Python", Language.NODEJS: "Node.js"}
     runtimes = []
-    for language, runtime in RUNTIMES.items():
+    for runtime in RUNTIMES.values():
         version = _interpreter_version(runtime, settings)
         packages = ", ".join(_packages(runtime)) or "no extra packages"
-        runtimes.append(f"{names[language]} {version}".strip() + f" with {packages}")
+        runtimes.append(f"{runtime.display_name} {version}".strip() + f" with {packages}")
     workspace = (
         "The session's working directory keeps its files from cell to cell"
         if session
@@ -344,7 +348,7 @@ def build_mcp(
     def admitted(ctx: Context[Any, Any]) -> AbstractAsyncContextManager[None]:
         return quotas.admit(owner(ctx)) if quotas is not None else contextlib.nullcontext()
 
-    async def run_code(ctx: Context[Any, Any], code: Code, language: LanguageArg = "python",
+    async def run_code(ctx: Context[Any, Any], code: Code, language: LanguageArg = _LANGUAGES[0],
                        arguments: Annotated[dict[str, Any] | None, Field(description="the arguments of main")] = None,
                        ) -> CallToolResult:
         if (refused := too_large(code)) is not None:
@@ -362,7 +366,7 @@ def build_mcp(
         return server
 
     async def create_session(
-        ctx: Context[Any, Any], language: LanguageArg = "python"
+        ctx: Context[Any, Any], language: LanguageArg = _LANGUAGES[0]
     ) -> Annotated[CallToolResult, SessionCreated]:
         try:
             info = await sessions.create(SessionRequest(language=Language(language)), owner(ctx))

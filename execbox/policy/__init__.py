@@ -7,32 +7,41 @@ code, dynamic code or the interpreter's internals. It is a first line of defence
 clear error message for the user, not the security boundary: the isolation layer is.
 See ``python_ast``, ``python_guard`` and ``javascript`` for the exact rules and
 ``docs/code-check.md`` for the user's view.
+
+Which rule set applies to a language is the language's own declaration
+(``Runtime.inspector``, looked up in the runtime registry by name or alias); the rule sets
+live here, in :data:`INSPECTORS`, because rules are policy and policy is pure.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from execbox.policy.findings import Finding
 from execbox.policy.javascript import inspect_javascript
 from execbox.policy.python_ast import inspect_python
+from execbox.runtimes import find_runtime
 from execbox.settings import CodeCheckMode
 
-__all__ = ["Finding", "inspect_code"]
+__all__ = ["INSPECTORS", "Finding", "inspect_code"]
 
-_PYTHON_NAMES = frozenset({"python"})
-_JAVASCRIPT_NAMES = frozenset({"nodejs", "javascript"})
+#: the rule sets by name (``Runtime.inspector``): code and mode -> what the rules reject
+INSPECTORS: dict[str, Callable[[str, CodeCheckMode], list[Finding]]] = {
+    "python": inspect_python,
+    "javascript": inspect_javascript,
+}
 
 
 def inspect_code(code: str, language: str, mode: CodeCheckMode = CodeCheckMode.BLOCK) -> list[Finding]:
     """Inspect ``code`` written in ``language`` and return what ``mode``'s rules reject.
 
-    ``language`` is ``"python"``, ``"nodejs"`` or ``"javascript"`` (case-insensitive).
+    ``language`` is a runtime's name or alias (case-insensitive): ``"python"``,
+    ``"nodejs"`` or ``"javascript"``.
     ``guard`` applies the guard rules, ``block`` and ``warn`` the block rules (``warn``
     only reports them), ``off`` finds nothing. An empty list means the code may run.
     Raises :class:`ValueError` for any other language.
     """
-    key = language.strip().lower()
-    if key in _PYTHON_NAMES:
-        return inspect_python(code, mode)
-    if key in _JAVASCRIPT_NAMES:
-        return inspect_javascript(code, mode)
-    raise ValueError(f"Unsupported language for static inspection: {language!r}")
+    runtime = find_runtime(language)
+    if runtime is None:
+        raise ValueError(f"Unsupported language for static inspection: {language!r}")
+    return INSPECTORS[runtime.inspector](code, mode)

@@ -1,4 +1,14 @@
-"""A language runtime: how its driver starts inside a sandbox. Data only, no I/O.
+"""A language runtime: everything language-specific, declared once. Data only, no I/O.
+
+A :class:`Runtime` says how its driver starts inside a sandbox and, for the layers above,
+what they need to know about the language: its display name and other names, the file
+suffixes of its programs, its host interpreter, which environment builder and which package
+installer of the service layer serve it (by name), its package grammar
+(:class:`PackageGrammar`: pure functions), which static-inspection rule set of
+:mod:`execbox.policy` applies (by name), and whether ``SANDBOX_PYTHON_PRELOAD`` applies.
+The code that does I/O or holds rules stays in its layer (the service's builders and
+installers, the policy's rule sets) and is found there by the name the runtime gives; see
+docs/architecture.md, "Adding a language".
 
 A driver is a small program that runs *inside* the sandbox. It starts, tells the host
 it is ready, waits for one request on its control channel, calls ``main`` and reports
@@ -30,6 +40,8 @@ closures, never module globals; the two variables are deleted before user code r
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +57,7 @@ __all__ = [
     "RUNTIME_MOUNT",
     "SYSTEM_PYTHON",
     "WORKSPACE",
+    "PackageGrammar",
     "Runtime",
 ]
 
@@ -63,11 +76,57 @@ EGRESS_PORT = 3128
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-@dataclass(frozen=True)
+def _unchanged(argv_template: tuple[str, ...]) -> tuple[str, ...]:
+    return argv_template
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackageGrammar:
+    """How a runtime's packages per request are named, installed and seen (pure functions)."""
+
+    #: what a valid requirement looks like, for the error message ("a PyPI name with ...")
+    form: str
+    #: one requirement: group 1 is the name, group 2 the version part (or None)
+    pattern: re.Pattern[str]
+    #: (name, canonical requirement) of a match of ``pattern``
+    canonical: Callable[[re.Match[str]], tuple[str, str]]
+    #: the name of a canonical requirement, as the allowlist compares it
+    name_of: Callable[[str], str]
+    #: a SANDBOX_PACKAGES entry spelled as ``name_of`` spells names
+    normalise: Callable[[str], str]
+    #: which installer builds a layer: a key of ``execbox.service.package_install.INSTALLERS``
+    installer: str
+    #: the sandbox's environment with the layer (mounted at the given path) on the import path
+    layer_env: Callable[[dict[str, str], str], dict[str, str]]
+    #: the driver's argv template when a layer is mounted (the interpreter must honour it)
+    layer_argv: Callable[[tuple[str, ...]], tuple[str, ...]] = _unchanged
+
+
+@dataclass(frozen=True, kw_only=True)
 class Runtime:
-    """A language: its driver, its environment directory and how to start it."""
+    """A language: its driver, its environment directory, how to start it, and what the
+    layers above need to know about it (see the module docstring)."""
 
     language: Language
+    #: the language as people write it ("Python", "Node.js"), for tool descriptions
+    display_name: str
+    #: other names the registry and the static check accept (besides ``name``)
+    aliases: tuple[str, ...] = ()
+    #: file name suffixes of its programs (``execbox run FILE`` picks the language by them)
+    file_suffixes: tuple[str, ...]
+    #: the host interpreter the environment is built for (its identity is part of the build stamp)
+    interpreter: Path
+    #: which builder makes the environment: a key of ``execbox.service.environments.BUILDERS``
+    builder: str
+    #: a file of the built environment with a ``version = X.Y.Z`` line (pyvenv.cfg); None: ask
+    #: ``interpreter --version``
+    version_file: str | None = None
+    #: which static-inspection rule set applies: a key of ``execbox.policy.INSPECTORS``
+    inspector: str
+    #: package names, installer and layer of packages per request
+    packages: PackageGrammar
+    #: whether SANDBOX_PYTHON_PRELOAD's modules are imported once by the fork server
+    preload: bool = False
     #: host path of the driver program (shipped inside the package)
     driver_path: Path
     #: file with the packages of the environment (requirements.txt / package.json)

@@ -1,8 +1,12 @@
 """Build the runtime environments that sandboxes see read-only (``execbox build``).
 
-* python: a venv of the system's ``/usr/bin/python3`` with ``runtimes/python/requirements.txt``
+* ``venv`` (python): a venv of the system's ``/usr/bin/python3`` with ``runtimes/python/requirements.txt``
   installed, and matplotlib's font cache prepared (sandboxes copy it into their /tmp);
-* nodejs: ``npm install`` of ``runtimes/nodejs/package.json``.
+* ``npm`` (nodejs): ``npm install`` of ``runtimes/nodejs/package.json``.
+
+Which builder serves a runtime is the runtime's own declaration (``Runtime.builder``, a key
+of :data:`BUILDERS`); a builder is named for its tool, not its language, so that another
+language built the same way reuses it.
 
 A build is skipped when the packages file and the interpreter are unchanged since the
 last successful build (a stamp file records both), so running it twice is cheap.
@@ -24,13 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from execbox.errors import RuntimeEnvironmentError
-from execbox.models import Language
 from execbox.runtimes import RUNTIMES, Runtime
 
-__all__ = ["SYSTEM_PYTHON", "build_all", "build_runtime", "environment_ready"]
+__all__ = ["BUILDERS", "build_all", "build_runtime", "environment_ready"]
 
-SYSTEM_PYTHON = Path("/usr/bin/python3")
-_NODE = Path("/usr/bin/node")
 _STAMP = ".execbox-build.json"
 #: receives one line of progress at a time
 Progress = Callable[[str], None]
@@ -52,7 +53,7 @@ def _packages(runtime: Runtime) -> list[str]:
 
 
 def _fingerprint(runtime: Runtime) -> dict[str, str]:
-    interpreter = SYSTEM_PYTHON if runtime.language is Language.PYTHON else _NODE
+    interpreter = runtime.interpreter
     digest = hashlib.sha256(runtime.packages_file.read_bytes()).hexdigest()
     real = interpreter.resolve()
     return {"packages_sha256": digest, "interpreter": str(real), "interpreter_mtime": str(real.stat().st_mtime_ns)}
@@ -74,18 +75,21 @@ def _run(argv: list[str], what: str, **kwargs: object) -> None:
         raise RuntimeEnvironmentError(f"{what} failed: {exc}") from exc
 
 
-def _build_python(runtime: Runtime, target: Path, progress: Progress) -> None:
-    if not SYSTEM_PYTHON.exists():
-        raise RuntimeEnvironmentError(f"{SYSTEM_PYTHON} is missing: apt-get install python3 python3-venv")
-    progress(f"python: [1/4] creating a venv of {SYSTEM_PYTHON}")
-    _run([str(SYSTEM_PYTHON), "-m", "venv", str(target)], "creating the Python venv (apt-get install python3-venv)")
+def _build_venv(runtime: Runtime, target: Path, progress: Progress) -> None:
+    """A venv of the runtime's interpreter with its requirements, without pip; matplotlib's
+    font cache prepared in ``mplconfig/``."""
+    python = runtime.interpreter
+    if not python.exists():
+        raise RuntimeEnvironmentError(f"{python} is missing: apt-get install python3 python3-venv")
+    progress(f"{runtime.name}: [1/4] creating a venv of {python}")
+    _run([str(python), "-m", "venv", str(target)], "creating the Python venv (apt-get install python3-venv)")
     pip = [str(target / "bin" / "python3"), "-m", "pip", "--disable-pip-version-check", "--no-input"]
     packages = _packages(runtime)
-    progress(f"python: [2/4] pip install of {len(packages)} packages: {', '.join(packages)}")
+    progress(f"{runtime.name}: [2/4] pip install of {len(packages)} packages: {', '.join(packages)}")
     _run([*pip, "install", "--no-cache-dir", "--progress-bar", "off", "-r", str(runtime.packages_file)], "pip install")
-    progress("python: [3/4] removing pip from the sandbox environment")
+    progress(f"{runtime.name}: [3/4] removing pip from the sandbox environment")
     _run([*pip, "uninstall", "--quiet", "--yes", "pip"], "removing pip from the sandbox environment")
-    progress("python: [4/4] preparing matplotlib's font cache")
+    progress(f"{runtime.name}: [4/4] preparing matplotlib's font cache")
     cache = target / "mplconfig"
     cache.mkdir()
     env = {"MPLCONFIGDIR": str(cache), "MPLBACKEND": "Agg", "PATH": "/usr/bin:/bin"}
@@ -93,18 +97,23 @@ def _build_python(runtime: Runtime, target: Path, progress: Progress) -> None:
     _run([str(target / "bin" / "python3"), "-c", probe], "preparing matplotlib's font cache", env=env)
 
 
-def _build_nodejs(runtime: Runtime, target: Path, progress: Progress) -> None:
+def _build_npm(runtime: Runtime, target: Path, progress: Progress) -> None:
+    """``npm install`` of the runtime's package.json (and its lock file) in the environment."""
     npm = shutil.which("npm")
-    if not _NODE.exists() or npm is None:
+    if not runtime.interpreter.exists() or npm is None:
         raise RuntimeEnvironmentError("node and npm are missing: apt-get install nodejs npm")
     packages = _packages(runtime)
-    progress(f"nodejs: [1/1] npm install of {len(packages)} packages: {', '.join(packages)}")
+    progress(f"{runtime.name}: [1/1] npm install of {len(packages)} packages: {', '.join(packages)}")
     target.mkdir(parents=True)
     shutil.copyfile(runtime.packages_file, target / "package.json")
     lock = runtime.packages_file.with_name("package-lock.json")
     if lock.exists():
         shutil.copyfile(lock, target / "package-lock.json")
     _run([npm, "install", "--omit=dev", "--no-audit", "--no-fund", "--loglevel=notice"], "npm install", cwd=target)
+
+
+#: the environment builders by name (``Runtime.builder``): (runtime, staging directory, progress)
+BUILDERS: dict[str, Callable[[Runtime, Path, Progress], None]] = {"venv": _build_venv, "npm": _build_npm}
 
 
 def build_runtime(runtime: Runtime, runtime_dir: Path, force: bool = False, progress: Progress = _quiet) -> bool:
@@ -116,10 +125,7 @@ def build_runtime(runtime: Runtime, runtime_dir: Path, force: bool = False, prog
     staging = target.with_name(target.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
-    if runtime.language is Language.PYTHON:
-        _build_python(runtime, staging, progress)
-    else:
-        _build_nodejs(runtime, staging, progress)
+    BUILDERS[runtime.builder](runtime, staging, progress)
     (staging / _STAMP).write_text(json.dumps(_fingerprint(runtime)))
     for path in [staging, *staging.rglob("*")]:  # sandboxes run as other uids: world-readable
         if not path.is_symlink():

@@ -40,11 +40,14 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from execbox.errors import BadRequestError, PackageInstallError
+from execbox.runtimes.python.packages import normalise_python_name
 
 __all__ = [
+    "INSTALLERS",
     "INSTALLER_UID",
     "PASSED_VARIABLES",
     "install_nodejs",
@@ -76,22 +79,18 @@ _NPM_COMMON = ("--ignore-scripts", "--git=false", "--no-audit", "--no-fund", "--
 _OUTPUT_MAX_BYTES = 32 << 20
 
 
-def normalise_python_name(name: str) -> str:
-    """PEP 503: ``Foo_Bar.baz`` -> ``foo-bar-baz``."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def installer_problems() -> dict[str, str]:
-    """Per language, why its installer cannot run here (missing pip or npm); {} when both can."""
+    """Per installer (a key of :data:`INSTALLERS`), why it cannot run here (missing pip or
+    npm); {} when both can."""
     problems = {}
     try:
         pip_version = tuple(int(part) for part in importlib.metadata.version("pip").split(".")[:2])
     except (importlib.metadata.PackageNotFoundError, ValueError):
         pip_version = (0, 0)
     if importlib.util.find_spec("pip") is None or pip_version < (22, 3):  # 22.3: pip --python
-        problems["python"] = f"pip 22.3 or later is not installed for {sys.executable} (pip install 'pip>=22.3')"
+        problems["pip"] = f"pip 22.3 or later is not installed for {sys.executable} (pip install 'pip>=22.3')"
     if shutil.which("npm") is None:
-        problems["nodejs"] = "npm is not installed (apt-get install npm)"
+        problems["npm"] = "npm is not installed (apt-get install npm)"
     return problems
 
 
@@ -268,9 +267,13 @@ def pip_failure(output: str, requirements: tuple[str, ...]) -> Exception:
 # -- Node.js -------------------------------------------------------------------------------
 
 
-def install_nodejs(layer: Path, work: Path, requirements: tuple[str, ...], timeout_s: float) -> list[str]:
+def install_nodejs(
+    layer: Path, work: Path, requirements: tuple[str, ...], runtime_env_dir: Path, timeout_s: float
+) -> list[str]:
     """Install ``requirements`` (canonical ``name@spec``) into ``layer/node_modules``;
-    returns the ``name@version`` of every package installed there."""
+    returns the ``name@version`` of every package installed there. (``runtime_env_dir`` is
+    not read: npm resolves the set on its own, the runtime's packages come after the layer
+    on NODE_PATH.)"""
     deadline = time.monotonic() + timeout_s
     npm = shutil.which("npm") or "npm"
     dependencies = dict(r.rsplit("@", 1) if r.rfind("@") > 0 else (r, "*") for r in requirements)
@@ -330,3 +333,11 @@ def npm_failure(output: str) -> Exception:
     if kind in ("ENOTFOUND", "ECONNREFUSED", "ETIMEDOUT", "EAI_AGAIN", "ECONNRESET", "EHOSTUNREACH"):
         return PackageInstallError(f"the npm registry could not be reached:\n{errors}")
     return PackageInstallError(f"npm could not install the packages:\n{errors}")
+
+
+#: the installers by name (``PackageGrammar.installer``): (layer, work directory, canonical
+#: requirements, runtime environment, timeout) -> what was installed (empty: nothing to mount)
+INSTALLERS: dict[str, Callable[[Path, Path, tuple[str, ...], Path, float], list[str]]] = {
+    "pip": install_python,
+    "npm": install_nodejs,
+}

@@ -52,7 +52,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -64,13 +63,12 @@ from typing import Any
 from execbox.errors import BadRequestError, ExecboxError, PackageInstallError
 from execbox.isolation.base import IsolationBackend, Mount, OutputSink, RunOutcome, Sandbox, SandboxSpec
 from execbox.models import ExecutionRequest, Language, Limits
+from execbox.runtimes import RUNTIMES, get_runtime
 from execbox.service.backends import build_backend
 from execbox.service.package_install import (
     INSTALLER_UID,
-    install_nodejs,
-    install_python,
+    INSTALLERS,
     installer_problems,
-    normalise_python_name,
     remove_tree,
     seal_layer,
 )
@@ -95,16 +93,6 @@ log = logging.getLogger("execbox.packages")
 #: where a sandbox sees its request's package layer
 PACKAGES_MOUNT = "/opt/packages"
 MAX_REQUIREMENTS = 32
-_PY_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?"
-_PY_CLAUSE = r"(?:==|!=|<=|>=|~=|<|>)\s*[A-Za-z0-9][A-Za-z0-9.+!*_-]{0,63}"
-_PY_REQUIREMENT = re.compile(rf"({_PY_NAME})\s*((?:{_PY_CLAUSE})(?:\s*,\s*{_PY_CLAUSE})*)?")
-_NPM_NAME = r"(?:@[A-Za-z0-9][A-Za-z0-9._~-]{0,100}/)?[A-Za-z0-9][A-Za-z0-9._~-]{0,100}"
-#: a version, range or tag; never one npm reads as a path (".", "..", "./x" are directories to it)
-_NPM_REQUIREMENT = re.compile(rf"({_NPM_NAME})(?:(?:@|==)([A-Za-z0-9^~<>=*][A-Za-z0-9.^~<>=*+_-]{{0,63}}))?")
-_FORMS = {
-    Language.PYTHON: "a PyPI name with an optional version specifier (tabulate, tabulate==0.9.0, tabulate>=0.8,<1)",
-    Language.NODEJS: "an npm name with an optional version (is-number, is-number@7.0.0, is-number@^7, @scope/name@1.2.3)",
-}
 #: written by ``execbox build`` in every runtime environment (environments.py): part of a layer's key
 _BUILD_STAMP = ".execbox-build.json"
 #: a set refused or failed is answered the same way this long without running an installer
@@ -119,19 +107,13 @@ def parse_requirements(language: Language, items: tuple[str, ...] | list[str]) -
     """The canonical, sorted, de-duplicated requirements; BadRequestError naming a bad one."""
     if len(items) > MAX_REQUIREMENTS:
         raise BadRequestError(f"{len(items)} packages requested; at most {MAX_REQUIREMENTS} per request")
+    grammar = get_runtime(language).packages
     canonical: dict[str, str] = {}
     for item in items:
         text = item.strip() if isinstance(item, str) else ""
-        grammar = _PY_REQUIREMENT if language is Language.PYTHON else _NPM_REQUIREMENT
-        if (match := grammar.fullmatch(text)) is None:
-            raise BadRequestError(f"package {item!r} is not {_FORMS[language]}; URLs, paths and options are refused")
-        if language is Language.PYTHON:
-            name = normalise_python_name(match.group(1))
-            clauses = sorted(re.sub(r"\s+", "", c) for c in (match.group(2) or "").split(",") if c.strip())
-            requirement = name + ",".join(clauses)
-        else:
-            name = match.group(1)
-            requirement = f"{name}@{match.group(2)}" if match.group(2) else name
+        if (match := grammar.pattern.fullmatch(text)) is None:
+            raise BadRequestError(f"package {item!r} is not {grammar.form}; URLs, paths and options are refused")
+        name, requirement = grammar.canonical(match)
         if canonical.get(name, requirement) != requirement:
             raise BadRequestError(f"package {name} is named twice, with different versions")
         canonical[name] = requirement
@@ -140,17 +122,17 @@ def parse_requirements(language: Language, items: tuple[str, ...] | list[str]) -
 
 def requirement_name(language: Language, requirement: str) -> str:
     """The package name of a canonical requirement (lower case, for the allowlist)."""
-    if language is Language.PYTHON:
-        return re.split(r"[=<>!~]", requirement, maxsplit=1)[0]
-    return (requirement.rsplit("@", 1)[0] if requirement.rfind("@") > 0 else requirement).lower()
+    return get_runtime(language).packages.name_of(requirement)
 
 
 def _allowed(allowed: frozenset[str], language: Language, name: str) -> bool:
+    scopes = tuple(f"{runtime.name}:" for runtime in RUNTIMES.values())
+    normalise = get_runtime(language).packages.normalise
     for entry in allowed:
-        scope, _, listed = entry.rpartition(":") if entry.startswith(("python:", "nodejs:")) else ("", "", entry)
+        scope, _, listed = entry.rpartition(":") if entry.startswith(scopes) else ("", "", entry)
         if scope and scope != language.value:
             continue
-        if (normalise_python_name(listed) if language is Language.PYTHON else listed) == name:
+        if normalise(listed) == name:
             return True
     return False
 
@@ -166,16 +148,9 @@ def layer_key(language: Language, requirements: tuple[str, ...], runtime_stamp: 
 
 def package_spec(spec: SandboxSpec, layer: Path) -> SandboxSpec:
     """``spec`` with ``layer`` mounted read-only at PACKAGES_MOUNT and on the import path."""
-    env = dict(spec.env)
-    runtime = spec.runtime
-    if runtime.language is Language.PYTHON:
-        env["PYTHONPATH"] = f"{PACKAGES_MOUNT}/python"
-        # -I would ignore PYTHONPATH; -s -P keep the rest of what it does (no user site, no
-        # script directory), and the environment is the spec's own, so nothing else changes
-        argv = tuple(a for arg in runtime.argv_template for a in (("-s", "-P") if arg == "-I" else (arg,)))
-        runtime = dataclasses.replace(runtime, argv_template=argv)
-    else:
-        env["NODE_PATH"] = ":".join(filter(None, (f"{PACKAGES_MOUNT}/node_modules", env.get("NODE_PATH", ""))))
+    grammar = spec.runtime.packages
+    env = grammar.layer_env(dict(spec.env), PACKAGES_MOUNT)
+    runtime = dataclasses.replace(spec.runtime, argv_template=grammar.layer_argv(spec.runtime.argv_template))
     mounts = (*spec.mounts, Mount(layer, PACKAGES_MOUNT))
     return dataclasses.replace(spec, runtime=runtime, env=env, mounts=mounts, dedicated=True)
 
@@ -278,7 +253,9 @@ class PackageCache:
                 continue  # a layer, a record, a lock, or a build under way
             remove_tree(path)
             os.close(fd)
-        self._problems = installer_problems()
+        installers = installer_problems()
+        self._problems = {runtime.name: installers[runtime.packages.installer] for runtime in RUNTIMES.values()
+                          if runtime.packages.installer in installers}  # fmt: skip
         return [f"SANDBOX_PACKAGES is set but {language} packages cannot be installed: {why}"
                 for language, why in self._problems.items()]  # fmt: skip
 
@@ -426,10 +403,8 @@ class PackageCache:
                     os.chown(path, INSTALLER_UID, INSTALLER_UID)
             timeout_s = self.settings.packages_install_timeout
             try:
-                if language is Language.PYTHON:
-                    installed = install_python(layer, work, requirements, env_dir, timeout_s)
-                else:
-                    installed = install_nodejs(layer, work, requirements, timeout_s)
+                install = INSTALLERS[get_runtime(language).packages.installer]
+                installed = install(layer, work, requirements, env_dir, timeout_s)
                 size = seal_layer(layer) if installed else 0
                 if size > self.settings.packages_cache_size:
                     raise BadRequestError(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 from execbox.isolation.base import EgressPorts, SandboxSpec
-from execbox.models import Language
-from execbox.runtimes import RUNTIME_MOUNT, Runtime
+from execbox.runtimes import Runtime
 from execbox.service.backends import SECCOMP_PROFILE
 from execbox.settings import Settings
 
@@ -31,8 +30,6 @@ def sandbox_spec(settings: Settings, runtime: Runtime, egress: EgressPorts | Non
         **dict(runtime.env),
     }
     env.update({k: os.environ[k] for k in PASSED_HOST_VARIABLES if k in os.environ})
-    if runtime.language is Language.PYTHON:
-        env["EXECBOX_MPL_CACHE"] = f"{RUNTIME_MOUNT}/mplconfig"
     return SandboxSpec(
         runtime=runtime,
         runtime_env_dir=runtime.env_dir(settings.runtime_dir),
@@ -47,5 +44,5 @@ def sandbox_spec(settings: Settings, runtime: Runtime, egress: EgressPorts | Non
         seccomp_profile=SECCOMP_PROFILE if settings.enable_seccomp else None,
         file_size_max_bytes=settings.max_disk,
         env=env,
-        preload_modules=settings.preload_modules if runtime.language is Language.PYTHON else (),
+        preload_modules=settings.preload_modules if runtime.preload else (),
     )

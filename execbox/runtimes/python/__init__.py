@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from execbox.models import Language
-from execbox.runtimes.base import Runtime
+from execbox.runtimes.base import RUNTIME_MOUNT, SYSTEM_PYTHON, Runtime
+from execbox.runtimes.python.packages import PYPI
 
 __all__ = ["PYTHON"]
 
@@ -13,6 +14,14 @@ _HERE = Path(__file__).resolve().parent
 
 PYTHON = Runtime(
     language=Language.PYTHON,
+    display_name="Python",
+    file_suffixes=(".py",),
+    interpreter=Path(SYSTEM_PYTHON),
+    builder="venv",
+    version_file="pyvenv.cfg",
+    inspector="python",
+    packages=PYPI,
+    preload=True,
     driver_path=_HERE / "driver.py",
     packages_file=_HERE / "requirements.txt",
     driver_in_process=True,
@@ -21,5 +30,7 @@ PYTHON = Runtime(
         ("MPLBACKEND", "Agg"),
         ("MPLCONFIGDIR", "/tmp/matplotlib"),
         ("PYTHONHASHSEED", "random"),
+        # the font cache `execbox build` prepared; the driver copies it into MPLCONFIGDIR
+        ("EXECBOX_MPL_CACHE", f"{RUNTIME_MOUNT}/mplconfig"),
     ),
 )
