@@ -126,27 +126,29 @@ def _refused_on_v1(exc: Exception) -> Exception:
     return exc
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
+    """(``async``, as every dependency here: FastAPI runs a plain ``def`` dependency in a
+    worker thread, a thread hop per dependency per request.)"""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_executor(request: Request) -> Executor:
+async def get_executor(request: Request) -> Executor:
     executor: Executor = request.app.state.executor
     return executor
 
 
-def get_sessions(request: Request) -> SessionManager:
+async def get_sessions(request: Request) -> SessionManager:
     sessions: SessionManager = request.app.state.sessions
     return sessions
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def get_quotas(request: Request) -> Quotas:
+async def get_quotas(request: Request) -> Quotas:
     quotas: Quotas = request.app.state.quotas
     return quotas
 
