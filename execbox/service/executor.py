@@ -8,8 +8,10 @@ A request with ``packages`` runs instead in a sandbox built for it with its pack
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ from execbox.errors import (
 )
 from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, Sandbox, SandboxSpec
 from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits, SkippedArtifact
-from execbox.policy import inspect_code
+from execbox.policy import Finding, inspect_code
 from execbox.pool import PoolStats, SandboxPool
 from execbox.runtimes import get_runtime
 from execbox.service.backends import select_backend
@@ -55,6 +57,8 @@ log = logging.getLogger("execbox.executor")
 executions_log = logging.getLogger("execbox.executions")
 #: a line of a blocked request's stderr: ``Line N: <finding> [<rule>]`` (policy.findings.Finding)
 _FINDING_LINE = re.compile(r"^Line (\d+): .*?(?: \[([\w-]+)\])?$", re.MULTILINE)
+#: how many verdicts of the static code check are remembered (by a digest of the code)
+_CODE_CHECK_CACHE_SIZE = 1024
 
 
 def check_environments(settings: Settings, languages: tuple[Language, ...] | None = None) -> list[str]:
@@ -109,6 +113,11 @@ class Executor:
         self.packages = PackageCache(settings)
         self._packages_backend: IsolationBackend | None = None
         self._destroying: set[asyncio.Future[None]] = set()
+        #: the code check's findings by (language, mode, digest of the code): a caller such as
+        #: RAGFlow sends the same code many times with other arguments; the check is pure
+        self._findings: collections.OrderedDict[tuple[Language, CodeCheckMode, bytes], tuple[Finding, ...]] = (
+            collections.OrderedDict()
+        )
         self._egress_rules = settings.egress_rules
         #: the egress proxy (docs/egress.md), when the server has an allowlist
         self.egress: EgressProxy | None = None
@@ -226,13 +235,28 @@ class Executor:
         """The static inspection (SANDBOX_CODE_CHECK): the verdict on code it blocks, else None."""
         if self.settings.code_check is CodeCheckMode.OFF:
             return None
-        findings = inspect_code(code, language.value, self.settings.code_check)
+        findings = self._inspect(code, language)
         if findings and self.settings.code_check in (CodeCheckMode.BLOCK, CodeCheckMode.GUARD):
             self.metrics.observe_blocked(language.value, {f.rule or "unnamed" for f in findings})
             return runner_error(EXIT_UNSAFE, "Code is unsafe", "\n".join(map(str, findings)) + "\n")
         for finding in findings:
             log.warning("code check (warn mode): %s", finding)
         return None
+
+    def _inspect(self, code: str, language: Language) -> tuple[Finding, ...]:
+        """``inspect_code`` under SANDBOX_CODE_CHECK, remembered for the last
+        ``_CODE_CHECK_CACHE_SIZE`` codes (a parse of the code per request otherwise)."""
+        mode = self.settings.code_check
+        key = (language, mode, hashlib.blake2b(code.encode("utf-8", "surrogatepass"), digest_size=32).digest())
+        findings = self._findings.get(key)
+        if findings is None:
+            findings = tuple(inspect_code(code, language.value, mode))
+            self._findings[key] = findings
+            if len(self._findings) > _CODE_CHECK_CACHE_SIZE:
+                self._findings.popitem(last=False)
+        else:
+            self._findings.move_to_end(key)
+        return findings
 
     def dedicated_spec(self, language: Language) -> SandboxSpec:
         """The spec of a sandbox held by one session (the pools' spec, with an outer wall of its own)."""

@@ -115,3 +115,28 @@ def test_limits_above_the_maxima_are_a_bad_request(executor: Executor, settings:
         executor.limits_for(ExecutionRequest(code="", limits=higher))
     with pytest.raises(BadRequestError, match="wall_time_s"):
         asyncio.run(executor.execute(ExecutionRequest(code="def main():\n    return 1\n", limits=higher)))
+
+
+def test_a_repeated_code_gets_the_same_verdict_and_the_blocked_counter_each_time(executor: Executor) -> None:
+    """The code check's findings are remembered per code: a repeat is refused (and counted) again,
+    and the same text in the other language gets that language's own verdict."""
+    unsafe = "import os\ndef main():\n    return os.getcwd()\n"
+    first, second = (asyncio.run(executor.execute(ExecutionRequest(code=unsafe))) for _ in range(2))
+    assert first == second
+    assert first.detail == "Code is unsafe"
+    blocked = executor.metrics.registry.get_sample_value(
+        "execbox_code_check_blocked_total", {"language": "python", "rule": "import"}
+    )
+    assert blocked == 2
+    # the same text as JavaScript gets JavaScript's verdict (no ``require``: it may run), not Python's
+    assert executor.check_code(unsafe, Language.NODEJS) is None
+    assert executor.check_code(unsafe, Language.PYTHON) == first
+
+
+def test_the_code_check_remembers_a_bounded_number_of_codes(executor: Executor) -> None:
+    from execbox.service import executor as executor_module
+
+    for n in range(executor_module._CODE_CHECK_CACHE_SIZE + 10):
+        assert executor.check_code(f"def main():\n    return {n}\n", Language.PYTHON) is None
+    assert len(executor._findings) == executor_module._CODE_CHECK_CACHE_SIZE
+    assert executor.check_code("import os\n", Language.PYTHON) is not None  # a new code is inspected anew
