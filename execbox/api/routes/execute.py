@@ -29,7 +29,7 @@ from execbox.api.running import answer, execute, execute_while_connected, gone
 from execbox.api.schemas import ExecuteResponse
 from execbox.errors import QueueFullError
 from execbox.models import ExecutionResult
-from execbox.service.executor import busy_result
+from execbox.service.executor import Executor, busy_result
 from execbox.wire import dumps, result_to_json
 
 __all__ = ["router"]
@@ -39,9 +39,8 @@ _STREAMS = ("stdout", "stderr")
 
 
 @router.post("/v1/execute", response_model=ExecuteResponse, summary="Run code with per-request limits and inputs")
-async def execute_v1(
-    execution: NativeRequestDep, _admitted: NativeAdmissionDep, request: Request, executor: ExecutorDep
-) -> Any:
+async def execute_v1(execution: NativeRequestDep, _admitted: NativeAdmissionDep, request: Request) -> Any:
+    executor: Executor = request.app.state.executor  # not a dependency: one fewer to solve per request
     result = await execute_while_connected(request, executor, execution)
     return gone() if result is None else answer(result, native=True)
 
