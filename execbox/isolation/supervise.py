@@ -35,6 +35,10 @@ __all__ = ["CELL_GRACE_S", "Supervised", "await_ready", "SupervisedSandbox", "su
 _CHUNK = 65536
 #: how long output may keep arriving after the driver's report or death
 _DRAIN_S = 0.05
+#: poll(2), not epoll: a selector lives for one run and watches a handful of fds, and epoll
+#: costs a system call to create it, one per fd registered and one to close it (each a
+#: release of the GIL that the service's other threads contend for)
+_Selector = selectors.PollSelector
 #: how long a session cell may run past its time limit before the host kills the interpreter
 CELL_GRACE_S = 2.0
 
@@ -56,7 +60,7 @@ class Supervised:
 def wait_ready(events_fd: int, timeout_s: float, reader: FrameReader) -> None:
     """Block until the driver's ``ready`` event; raises SandboxProtocolError on EOF/timeout."""
     deadline = time.monotonic() + timeout_s
-    with selectors.DefaultSelector() as sel:
+    with _Selector() as sel:
         sel.register(events_fd, selectors.EVENT_READ)
         while True:
             remaining = deadline - time.monotonic()
@@ -124,7 +128,7 @@ def supervise(
 
     for fd in (control_fd, events_fd, stdout_fd, stderr_fd):
         os.set_blocking(fd, False)
-    with selectors.DefaultSelector() as sel:
+    with _Selector() as sel:
         sel.register(control_fd, selectors.EVENT_WRITE)
         for fd in (events_fd, stdout_fd, stderr_fd):
             sel.register(fd, selectors.EVENT_READ)
