@@ -43,18 +43,36 @@ _REUSE_MAX = 64
 _SPARES_MAX = 8
 
 
+# cgroup files are read and written with bare os.open/os.read/os.write: Path.read_text and
+# write_text add an fstat, an isatty ioctl and a seek per file through the io stack, and
+# the sandboxes' set-up, verdict and teardown touch a dozen of these files each
+
+
 def _write(path: Path, value: str) -> None:
     try:
-        path.write_text(value)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise SandboxError(f"cannot write {value!r} to {path}: {exc.strerror}") from exc
 
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _field(text: str, key: str) -> int | None:
