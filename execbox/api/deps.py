@@ -56,6 +56,7 @@ __all__ = [
     "QuotasDep",
     "RateLimitedError",
     "RunAdmissionDep",
+    "StreamAdmissionDep",
     "RunRefusal",
     "RunRequestDep",
     "SessionsDep",
@@ -278,7 +279,7 @@ async def _admitted(quotas: Quotas, metrics: Metrics, caller: Caller | None,
 
 
 async def admission(quotas: QuotasDep, metrics: MetricsDep, caller: CallerDep) -> AsyncIterator[None]:
-    """The caller's quotas (a concurrency slot, a unit of rate), held until the answer is sent;
+    """The caller's quotas (a concurrency slot, a unit of rate), held while the request runs;
     LimitExceededError (429) or UnavailableError (503) when refused."""
     async with _admitted(quotas, metrics, caller, lambda exc: exc):
         yield
@@ -296,9 +297,13 @@ async def native_admission(request: Request) -> AsyncIterator[None]:
         yield
 
 
-AdmissionDep = Annotated[None, Depends(admission)]
-RunAdmissionDep = Annotated[None, Depends(run_admission)]
-NativeAdmissionDep = Annotated[None, Depends(native_admission)]
+# A slot is given back when the path operation ends, *before* its answer is sent, so that a
+# caller that has its answer may send the next request at once (to this replica or
+# another); a stream's runs while its answer is sent: it holds its slot until the end.
+AdmissionDep = Annotated[None, Depends(admission, scope="function")]
+RunAdmissionDep = Annotated[None, Depends(run_admission, scope="function")]
+NativeAdmissionDep = Annotated[None, Depends(native_admission, scope="function")]
+StreamAdmissionDep = Annotated[None, Depends(native_admission, scope="request")]
 
 
 def retry_after_header(retry_after_s: float) -> dict[str, str]:

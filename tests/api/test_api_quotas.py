@@ -216,3 +216,32 @@ def test_a_request_beyond_the_queue_is_answered_at_once(queued: Service) -> None
             assert future.result().json()["result"]["value"] == "ok"
         for future in running:
             assert future.result().json()["result"]["value"] == "slept"
+
+
+@pytest.fixture(scope="module")
+def one_slot_replicas(make_service: Any, redis_url: str) -> Iterator[tuple[Service, Service]]:
+    """Two replicas, one Redis: one slot per key, and a rate that never binds."""
+    settings = {
+        "SANDBOX_API_KEYS": INLINE_KEYS,
+        "SANDBOX_KEY_RATE": "1000/minute",
+        "SANDBOX_KEY_MAX_CONCURRENT": "1",
+        "SANDBOX_REDIS_URL": redis_url,
+        "SANDBOX_EXECUTOR_MANAGER_POOL_SIZE": "2",
+    }
+    first, second = make_service("slot-a", settings), make_service("slot-b", settings)
+    yield first, second
+    first.cleanup()
+    second.cleanup()
+
+
+def test_a_slot_is_free_once_its_answer_arrived(one_slot_replicas: tuple[Service, Service]) -> None:
+    """With one slot per key, requests sent one after the other (each once the previous answer
+    arrived), alternately to either replica, are never refused: a slot is given back before
+    its answer is sent, not after."""
+    first, second = one_slot_replicas
+    with first.client() as a, second.client() as b:
+        for index in range(24):
+            client = (a, b)[index % 2]
+            response = quick_run(client, "alice") if index % 3 else quick_v1(client, "alice")
+            assert response.status_code == 200, response.text
+            assert response.json()["exit_code"] == 0, (index, response.text)

@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from execbox.api.body import StrictJSONRoute
-from execbox.api.deps import ExecutorDep, NativeAdmissionDep, NativeRequestDep
+from execbox.api.deps import ExecutorDep, NativeAdmissionDep, NativeRequestDep, StreamAdmissionDep
 from execbox.api.running import answer, execute, execute_while_connected, gone
 from execbox.api.schemas import ExecuteResponse
 from execbox.errors import QueueFullError
@@ -55,7 +55,7 @@ async def execute_v1(execution: NativeRequestDep, _admitted: NativeAdmissionDep,
     response_class=EventSourceResponse,
 )
 async def execute_stream(
-    execution: NativeRequestDep, _admitted: NativeAdmissionDep, executor: ExecutorDep
+    execution: NativeRequestDep, _admitted: StreamAdmissionDep, executor: ExecutorDep
 ) -> AsyncIterator[ServerSentEvent]:
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
