@@ -221,16 +221,7 @@ class NamespacesBackend(IsolationBackend):
         self._cgroups.check()
         self._filter(inet=False)
         if self._use_forkserver:
-            try:
-                self._pid_namespaces = self._probe_forkserver()
-            except BackendUnavailableError as exc:
-                # the probe's own sandbox can fail where real ones do not (seen in a Docker
-                # container with the compose file's capabilities): a working bwrap probe keeps
-                # the backend usable, as before the fork-server probe existed
-                if not Path(_BWRAP).exists() or self._bwrap_probe().returncode != 0:
-                    raise
-                log.warning("%s; the bwrap probe passed: building sandboxes with the fork server anyway", exc)
-                self._pid_namespaces = "setns"
+            self._pid_namespaces = self._probe_forkserver()
             return
         if not Path(_BWRAP).exists():
             raise BackendUnavailableError("bubblewrap is not installed: apt-get install bubblewrap")
@@ -276,7 +267,7 @@ class NamespacesBackend(IsolationBackend):
         view, plan, sandbox_root = host_view(PROBE_PLAN, self._view_root(), SYSTEM_PYTHON)
         server = ForkServer(
             zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=sandbox_root, plan=plan,
-            seccomp_bpf=self._filter(inet=False), env={}, loopback=True, preload="", driver=None,
+            seccomp_bpf=self._filter(inet=False), env={}, loopback=False, preload="", driver=None,
             exec_argv=["/usr/bin/true"], view=view,
         )  # fmt: skip
         with contextlib.ExitStack() as stack:

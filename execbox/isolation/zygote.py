@@ -266,7 +266,11 @@ def _loopback_up():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         flags = struct.unpack(_IFREQ, fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack(_IFREQ, b"lo", 0)))[1]
         if not flags & IFF_UP:
-            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | IFF_UP))
+            try:
+                fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | IFF_UP))
+            except OSError as exc:  # e.g. a container without NET_ADMIN
+                raise OSError(exc.errno, f"bring up the sandbox's loopback interface for egress "
+                                         f"(needs CAP_NET_ADMIN): {exc.strerror}") from exc
 
 
 def _renumber(fds, first):

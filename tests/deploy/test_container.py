@@ -9,6 +9,7 @@ last test of each stops the container and checks that execbox destroyed every sa
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ BACKENDS = ("namespaces", "gvisor")
 #: what docker-compose.yml may grant, and all of it: no more (a wider container) and no
 #: fewer (a backend would break)
 CAPABILITIES = {
-    "SYS_ADMIN", "SETUID", "SETGID", "SYS_CHROOT", "CHOWN", "SETFCAP", "KILL", "SYS_PTRACE", "DAC_READ_SEARCH", "SYS_NICE",
+    "SYS_ADMIN", "SETUID", "SETGID", "SYS_CHROOT", "CHOWN", "SETFCAP", "KILL", "SYS_PTRACE", "DAC_READ_SEARCH", "SYS_NICE", "NET_ADMIN",
 }  # fmt: skip
 #: not the default (10 s), so that the answer shows the setting reached the container; long
 #: enough for pandas + matplotlib under gVisor on a busy 2-core machine
@@ -75,6 +76,12 @@ def test_healthz_names_the_backend_asked_for(service: ComposeProject) -> None:
     health = httpx.get(f"{service.url}/healthz", timeout=10).json()
     assert health["backend"] == service.settings["SANDBOX_BACKEND"], health
     assert health["warnings"] == [], health
+
+
+def test_start_up_logs_no_warning(service: ComposeProject) -> None:
+    """The backend's start-up checks pass as they are, with the compose file's capabilities."""
+    warnings = [line for line in service.logs().splitlines() if '"level": "WARNING"' in line and '"execbox.' in line]
+    assert warnings == [], warnings
 
 
 def test_python_success(service: ComposeProject) -> None:
@@ -214,3 +221,24 @@ def test_the_image_is_lean_and_holds_no_build_secrets(docker_engine: Docker, exe
         "find /var/lib/execbox/runtimes/python/lib -type d -name tests -path '*site-packages/*/tests' | head -3",
     ).stdout.split()
     assert not tests_left, f"packages' test suites are in the image: {tests_left}"
+
+
+def test_egress_sandboxes_start_on_namespaces(compose_project: Any) -> None:
+    """With egress, a namespaces sandbox's loopback is brought up by the fork server: the
+    compose file's capabilities allow it (NET_ADMIN), so the pools fill and programs run."""
+    project: ComposeProject = compose_project("egress", {
+        "SANDBOX_BACKEND": "namespaces",
+        "SANDBOX_EGRESS_ALLOW": "pypi.org",
+        "SANDBOX_CODE_CHECK": "off",
+        "SANDBOX_EXECUTOR_MANAGER_POOL_SIZE": "1",
+    })  # fmt: skip
+    try:
+        project.up()
+        project.wait_healthy()
+        answer = run(project, "import os\ndef main():\n    return os.environ.get('HTTPS_PROXY', '')\n")
+        assert answer["exit_code"] == 0, answer
+        assert "127.0.0.1" in answer["stdout"] + json.dumps(answer), answer
+        node = run(project, "function main() { return process.env.HTTPS_PROXY || ''; }", "nodejs")
+        assert node["exit_code"] == 0, node
+    finally:
+        project.down()
