@@ -59,14 +59,14 @@ _VIEW_SANDBOX_ROOT = "/sandbox"
 
 def host_view(
     plan: Sequence[PlanStep], host_root: Path, interpreter: str, host_dirs: Sequence[str] = ()
-) -> tuple[dict[str, Any], list[PlanStep], str]:
+) -> tuple[dict[str, Any], list[PlanStep]]:
     """What a zygote on the host sees (see ``_enter_view`` in isolation/zygote.py): every
     read-only bind of ``plan`` at its target (a host directory as an overlay of its own, a
     file copied), the plan's links, and read-write the host's ``/dev``, ``/proc``, cgroup
     tree and ``host_dirs`` (each at its own path: the egress sockets' directory). Returns
     the view (with the interpreter, at its path inside, that starts the zygote again
-    there), the plan the sandboxes are built from (each bind from its target, as inside
-    gVisor) and the directory their roots are built in."""
+    there, and the directory its sandboxes' roots are built in: ``sandbox_root``) and the
+    plan the sandboxes are built from (each bind from its target, as inside gVisor)."""
     steps: list[tuple[str, str, str]] = []
     for step in plan:
         if step.op is Op.SYMLINK:
@@ -81,7 +81,7 @@ def host_view(
             steps.append(("rbind", path, path))
     view = {"root": str(host_root), "steps": steps, "sandbox_root": _VIEW_SANDBOX_ROOT,
             "exec": [interpreter, "-I", "-B", VIEW_ZYGOTE]}  # fmt: skip
-    return view, guest_plan(plan), _VIEW_SANDBOX_ROOT
+    return view, guest_plan(plan)
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,8 @@ class NamespacesBackend(IsolationBackend):
         self._forkservers: dict[str, ForkServer] = {}
         #: bwrap launcher: per spec, an fd of the mount namespace holding its view
         self._views: dict[str, int] = {}
+        #: per spec, its view and the plan its sandboxes are built with (``_view``)
+        self._spec_views: dict[str, tuple[dict[str, Any], list[PlanStep]]] = {}
         self._spec_keys: dict[int, str] = {}
         self._uids = UidAllocator(uid_base, uid_count, UID_LOCK_DIR)
         self._uid_range = (uid_base, uid_count)
@@ -264,9 +266,9 @@ class NamespacesBackend(IsolationBackend):
         """Have a fork server build one sandbox the way sandboxes are built (namespaces,
         mounts, cgroup, uid, rlimits, the seccomp filter), which runs /usr/bin/true; returns
         the zygote's PID-namespace mode ("setns" or "unshare")."""
-        view, plan, sandbox_root = host_view(PROBE_PLAN, self._view_root(), SYSTEM_PYTHON)
+        view, plan = host_view(PROBE_PLAN, self._view_root(), SYSTEM_PYTHON)
         server = ForkServer(
-            zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=sandbox_root, plan=plan,
+            zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=view["sandbox_root"], plan=plan,
             seccomp_bpf=self._filter(inet=False), env={}, loopback=False, preload="", driver=None,
             exec_argv=["/usr/bin/true"], view=view,
         )  # fmt: skip
@@ -334,7 +336,7 @@ class NamespacesBackend(IsolationBackend):
         # bwrap's options come from a memfd (--args), so the command line of the sandbox's
         # pid 1, which the program can read, names none of them
         fds["args"] = os.memfd_create("execbox-bwrap-args")
-        options = bwrap_options(spec, fds, [*self._view(spec)[1], *extra])
+        options = bwrap_options(spec, fds, [*self._view(spec)[1], *extra])  # the view's plan
         os.write(fds["args"], b"".join(arg.encode() + b"\0" for arg in options))
         os.lseek(fds["args"], 0, os.SEEK_SET)
         return [*argv, "--args", str(fds["args"]), "--", *spec.runtime.argv()]
@@ -354,12 +356,18 @@ class NamespacesBackend(IsolationBackend):
             key = self._spec_keys.setdefault(id(spec), repr(spec))
         return key
 
-    def _view(self, spec: SandboxSpec) -> tuple[dict[str, Any], list[PlanStep], str]:
-        """The view of the host a spec's sandboxes are built from (see ``host_view``)."""
-        runtime = spec.runtime
-        inside = f"{RUNTIME_MOUNT}/bin/python3" if runtime.driver_in_process else SYSTEM_PYTHON
-        host_dirs = [str(spec.egress.directory)] if spec.egress is not None else []
-        return host_view(mount_plan(spec, self._etc()), self._view_root(), inside, host_dirs)
+    def _view(self, spec: SandboxSpec) -> tuple[dict[str, Any], list[PlanStep]]:
+        """The view of the host a spec's sandboxes are built from and the plan they are built
+        with (see ``host_view``), made once per spec: bwrap reads the plan for every sandbox."""
+        key = self._spec_key(spec)
+        with self._lock:
+            made = self._spec_views.get(key)
+            if made is None:
+                inside = f"{RUNTIME_MOUNT}/bin/python3" if spec.runtime.driver_in_process else SYSTEM_PYTHON
+                host_dirs = [str(spec.egress.directory)] if spec.egress is not None else []
+                made = host_view(mount_plan(spec, self._etc()), self._view_root(), inside, host_dirs)
+                self._spec_views[key] = made
+            return made
 
     def _bwrap_view(self, spec: SandboxSpec) -> str:
         """bwrap launcher: the path of the mount namespace its sandboxes start from, one whose
@@ -370,11 +378,11 @@ class NamespacesBackend(IsolationBackend):
         with self._lock:
             fd = self._views.get(key)
             if fd is None:
-                view, _, _ = self._view(spec)
+                view = self._view(spec)[0]
                 server = ForkServer(
                     zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=view["sandbox_root"], plan=[],
                     seccomp_bpf=b"", env={}, loopback=False, preload="", driver=None, exec_argv=["/usr/bin/true"],
-                    view={**view, "exec": [SYSTEM_PYTHON, "-I", "-B", view["exec"][-1]]},
+                    view=view,
                 )  # fmt: skip
                 try:
                     server.start(timeout_s=60.0)
@@ -401,10 +409,10 @@ class NamespacesBackend(IsolationBackend):
             # RUNTIME_MOUNT: a Python zygote is the runtime's interpreter (its paths are then
             # the sandboxes'), any other runtime's is the system Python
             interpreter = spec.runtime_env_dir / "bin" / "python3" if runtime.driver_in_process else Path(SYSTEM_PYTHON)
-            view, plan, sandbox_root = self._view(spec)
+            view, plan = self._view(spec)
             server = ForkServer(
                 zygote_launcher(interpreter, spec.env),
-                root_dir=sandbox_root,
+                root_dir=view["sandbox_root"],
                 plan=plan,
                 seccomp_bpf=self._filter(spec.egress is not None),
                 env=spec.env,

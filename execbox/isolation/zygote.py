@@ -171,11 +171,16 @@ def _build_root(root, plan, uid):
             for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                                ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
                 os.symlink(link, f"{target}/{name}")
+    _pivot_into(root)
+    _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _pivot_into(root):
+    """Make ``root`` this process's root (pivot_root), the old root detached."""
     os.chdir(root)
     _check(_libc.syscall(SYSCALLS["pivot_root"], b".", b"."), "pivot_root")
     _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
     os.chdir("/")
-    _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 def _overlay(source, target, empty):
@@ -240,10 +245,7 @@ def _enter_view(view):
             raise OSError(f"unknown view step {op!r}")
     os.makedirs(root + view["sandbox_root"], exist_ok=True)
     os.makedirs(root + "/tmp", mode=0o1777, exist_ok=True)  # bwrap's own scratch mount point
-    os.chdir(root)
-    _check(_libc.syscall(SYSCALLS["pivot_root"], b".", b"."), "pivot_root")
-    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
-    os.chdir("/")
+    _pivot_into(root)
 
 
 def _exec_in_view(sock, config):

@@ -143,20 +143,19 @@ def redis_url() -> Iterator[str]:
     yield from redis_for_tests(__name__)
 
 
-@pytest.fixture(scope="module")
-def replicas(make_service: Any, redis_url: str) -> Iterator[tuple[Service, Service]]:
-    settings = {
-        "SANDBOX_API_KEYS": INLINE_KEYS,
-        "SANDBOX_KEY_RATE": "4/minute",
-        "SANDBOX_KEY_MAX_CONCURRENT": "1",
-        "SANDBOX_REDIS_URL": redis_url,
-        "SANDBOX_EXECUTOR_MANAGER_POOL_SIZE": "1",
-        "SANDBOX_TIMEOUT": "30s",
-    }
-    first, second = make_service("replica-a", settings), make_service("replica-b", settings)
+def two_replicas(make_service: Any, redis_url: str, name: str, **settings: str) -> Iterator[tuple[Service, Service]]:
+    """Two services sharing one Redis, with the test keys, one slot per key and ``settings``."""
+    both = {"SANDBOX_API_KEYS": INLINE_KEYS, "SANDBOX_KEY_MAX_CONCURRENT": "1", "SANDBOX_REDIS_URL": redis_url, **settings}
+    first, second = make_service(f"{name}-a", both), make_service(f"{name}-b", both)
     yield first, second
     first.cleanup()
     second.cleanup()
+
+
+@pytest.fixture(scope="module")
+def replicas(make_service: Any, redis_url: str) -> Iterator[tuple[Service, Service]]:
+    yield from two_replicas(make_service, redis_url, "replica", SANDBOX_KEY_RATE="4/minute",
+                            SANDBOX_EXECUTOR_MANAGER_POOL_SIZE="1", SANDBOX_TIMEOUT="30s")  # fmt: skip
 
 
 def test_two_replicas_enforce_one_rate(replicas: tuple[Service, Service]) -> None:
@@ -221,17 +220,8 @@ def test_a_request_beyond_the_queue_is_answered_at_once(queued: Service) -> None
 @pytest.fixture(scope="module")
 def one_slot_replicas(make_service: Any, redis_url: str) -> Iterator[tuple[Service, Service]]:
     """Two replicas, one Redis: one slot per key, and a rate that never binds."""
-    settings = {
-        "SANDBOX_API_KEYS": INLINE_KEYS,
-        "SANDBOX_KEY_RATE": "1000/minute",
-        "SANDBOX_KEY_MAX_CONCURRENT": "1",
-        "SANDBOX_REDIS_URL": redis_url,
-        "SANDBOX_EXECUTOR_MANAGER_POOL_SIZE": "2",
-    }
-    first, second = make_service("slot-a", settings), make_service("slot-b", settings)
-    yield first, second
-    first.cleanup()
-    second.cleanup()
+    yield from two_replicas(make_service, redis_url, "slot", SANDBOX_KEY_RATE="1000/minute",
+                            SANDBOX_EXECUTOR_MANAGER_POOL_SIZE="2")  # fmt: skip
 
 
 def test_a_slot_is_free_once_its_answer_arrived(one_slot_replicas: tuple[Service, Service]) -> None:

@@ -167,7 +167,7 @@ def test_every_launcher_renders_the_same_plan(
     # on the host both launchers build from the view: every read-only source at its target
     # (a directory as an overlay, a file copied), writable binds and links as they are, and
     # sandboxes that bind target to target (the guest plan)
-    view, inner_plan, _ = host_view(plan, tmp_path / "view", "/usr/bin/python3")
+    view, inner_plan = host_view(plan, tmp_path / "view", "/usr/bin/python3")
     viewed = {target: (op, source) for op, source, target in view["steps"]}
     for step in plan:
         if step.is_bind:
