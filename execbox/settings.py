@@ -234,6 +234,12 @@ class Settings(BaseSettings):
     python_preload: str = Field(
         "numpy,pandas,matplotlib.pyplot", description="modules the Python fork server imports once for all sandboxes",
     )
+    python_light: bool = Field(
+        True,
+        description="Python code that imports only the standard library runs in sandboxes without the preloaded "
+        "modules, from a second pool of the same size (cheaper to prepare, most of all under gVisor), where sandboxes "
+        "are forked from a fork server (namespaces, gVisor with two walls)",
+    )
     forkserver: bool = Field(True, description="Python sandboxes are forked from a warm fork server (namespaces backend)")
     gvisor_platform: str = Field("auto", description="runsc platform: auto (ptrace, else systrap) | ptrace | systrap | kvm")
     gvisor_executions_per_sandbox: int = Field(

@@ -197,5 +197,12 @@ class IsolationBackend(abc.ABC):
         """What this backend is and how it runs sandboxes (for /healthz and /v1/info)."""
         return {}
 
+    def preloads(self, spec: SandboxSpec) -> bool:
+        """Whether sandboxes of ``spec`` start with ``spec.preload_modules`` imported (forked
+        from a fork server that imported them). The executor then keeps a light pool beside
+        the spec's pool (SANDBOX_PYTHON_LIGHT); elsewhere a sandbox imports only what its
+        code imports, and one pool serves all code."""
+        return False
+
     def close(self) -> None:
         """Release backend-wide resources."""

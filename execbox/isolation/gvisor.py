@@ -314,6 +314,13 @@ class GVisorBackend(IsolationBackend):
 
     # -- sandboxes -------------------------------------------------------------------
 
+    def preloads(self, spec: SandboxSpec) -> bool:
+        """Two walls: the fork server inside each long-lived gVisor sandbox imports them."""
+        return (
+            self.mode == "two-walls" and not spec.dedicated and spec.runtime.driver_in_process
+            and bool(spec.preload_modules)
+        )  # fmt: skip
+
     def create(self, spec: SandboxSpec) -> Sandbox:
         if not spec.runtime_env_dir.is_dir():
             raise SandboxStartError(

@@ -350,6 +350,9 @@ class NamespacesBackend(IsolationBackend):
             return self._create_forked(spec)
         return self._create_bwrap(spec)
 
+    def preloads(self, spec: SandboxSpec) -> bool:
+        return self._use_forkserver and spec.runtime.driver_in_process and bool(spec.preload_modules)
+
     def _spec_key(self, spec: SandboxSpec) -> str:
         key = self._spec_keys.get(id(spec))
         if key is None:  # specs are built once per pool: compute the key once

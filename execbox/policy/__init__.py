@@ -20,10 +20,11 @@ from collections.abc import Callable
 from execbox.policy.findings import Finding
 from execbox.policy.javascript import inspect_javascript
 from execbox.policy.python_ast import inspect_python
+from execbox.policy.python_imports import imports_only_stdlib
 from execbox.runtimes import find_runtime
 from execbox.settings import CodeCheckMode
 
-__all__ = ["INSPECTORS", "Finding", "inspect_code"]
+__all__ = ["INSPECTORS", "Finding", "imports_only_stdlib", "inspect_code"]
 
 #: the rule sets by name (``Runtime.inspector``): code and mode -> what the rules reject
 INSPECTORS: dict[str, Callable[[str, CodeCheckMode], list[Finding]]] = {

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -34,7 +35,7 @@ from execbox.errors import (
 )
 from execbox.isolation.base import IsolationBackend, OutputSink, RunOutcome, Sandbox, SandboxSpec
 from execbox.models import Artifact, ExecutionRequest, ExecutionResult, Language, Limits, SkippedArtifact
-from execbox.policy import Finding, inspect_code
+from execbox.policy import Finding, imports_only_stdlib, inspect_code
 from execbox.pool import PoolStats, SandboxPool
 from execbox.runtimes import get_runtime
 from execbox.service.backends import select_backend
@@ -59,6 +60,31 @@ executions_log = logging.getLogger("execbox.executions")
 _FINDING_LINE = re.compile(r"^Line (\d+): .*?(?: \[([\w-]+)\])?$", re.MULTILINE)
 #: how many verdicts of the static code check are remembered (by a digest of the code)
 _CODE_CHECK_CACHE_SIZE = 1024
+
+
+class _CodeMemo:
+    """What a pure function said of a code, for the last ``size`` codes, by a digest of the
+    code (never the code itself: a cache of 1024 codes of up to SANDBOX_MAX_CODE_SIZE each
+    would hold a gigabyte). A caller such as RAGFlow sends the same code many times with
+    other arguments; each answer then costs a hash instead of a parse."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple[Any, ...], code: str, compute: Callable[[str], Any]) -> Any:
+        key = (*key, hashlib.blake2b(code.encode("utf-8", "surrogatepass"), digest_size=32).digest())
+        value = self._items.get(key)
+        if value is None:
+            value = self._items[key] = compute(code)
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        return value
 
 
 def check_environments(settings: Settings, languages: tuple[Language, ...] | None = None) -> list[str]:
@@ -103,7 +129,8 @@ class Executor:
         self.warnings: list[str] = []
         self._languages = settings.served_languages if languages is None else languages
         self._pool_size = settings.executor_manager_pool_size if pool_size is None else pool_size
-        self._pools: dict[Language, SandboxPool] = {}
+        #: by (language, light): the light pools' sandboxes have no preloaded modules
+        self._pools: dict[tuple[Language, bool], SandboxPool] = {}
         workers = max(4, 4 * max(self._pool_size, 1) * len(self._languages))
         self._run_threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="execbox-run")
         self._build_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="execbox-build")
@@ -113,11 +140,10 @@ class Executor:
         self.packages = PackageCache(settings)
         self._packages_backend: IsolationBackend | None = None
         self._destroying: set[asyncio.Future[None]] = set()
-        #: the code check's findings by (language, mode, digest of the code): a caller such as
-        #: RAGFlow sends the same code many times with other arguments; the check is pure
-        self._findings: collections.OrderedDict[tuple[Language, CodeCheckMode, bytes], tuple[Finding, ...]] = (
-            collections.OrderedDict()
-        )
+        #: the code check's findings by (language, mode, code), and whether a code imports
+        #: only the standard library (both pure)
+        self._findings = _CodeMemo(_CODE_CHECK_CACHE_SIZE)
+        self._light_codes = _CodeMemo(_CODE_CHECK_CACHE_SIZE)
         self._egress_rules = settings.egress_rules
         #: the egress proxy (docs/egress.md), when the server has an allowlist
         self.egress: EgressProxy | None = None
@@ -142,17 +168,20 @@ class Executor:
         if self.egress is not None:
             self.egress.start()
         for language in self._languages:
-            runtime = get_runtime(language)
-            spec = sandbox_spec(self.settings, runtime, self.egress)
-            pool = SandboxPool(
-                f"{language.value}/{self.backend.name}",
-                partial(self.backend.create, spec),
-                self._pool_size,
-                self._build_threads,
-                queue_max=self.settings.queue_max,
-            )
-            pool.start()
-            self._pools[language] = pool
+            spec = sandbox_spec(self.settings, get_runtime(language), self.egress)
+            kinds = [(False, spec, "")]
+            if self.settings.python_light and self.backend.preloads(spec):
+                kinds.append((True, dataclasses.replace(spec, preload_modules=()), "/light"))
+            for light, kind_spec, suffix in kinds:
+                pool = SandboxPool(
+                    f"{language.value}/{self.backend.name}{suffix}",
+                    partial(self.backend.create, kind_spec),
+                    self._pool_size,
+                    self._build_threads,
+                    queue_max=self.settings.queue_max,
+                )
+                pool.start()
+                self._pools[language, light] = pool
         self.warnings.extend(await loop.run_in_executor(self._build_threads, self.packages.start))
 
     async def __aenter__(self) -> Executor:
@@ -247,16 +276,15 @@ class Executor:
         """``inspect_code`` under SANDBOX_CODE_CHECK, remembered for the last
         ``_CODE_CHECK_CACHE_SIZE`` codes (a parse of the code per request otherwise)."""
         mode = self.settings.code_check
-        key = (language, mode, hashlib.blake2b(code.encode("utf-8", "surrogatepass"), digest_size=32).digest())
-        findings = self._findings.get(key)
-        if findings is None:
-            findings = tuple(inspect_code(code, language.value, mode))
-            self._findings[key] = findings
-            if len(self._findings) > _CODE_CHECK_CACHE_SIZE:
-                self._findings.popitem(last=False)
-        else:
-            self._findings.move_to_end(key)
-        return findings
+        return self._findings.get((language, mode), code, lambda c: tuple(inspect_code(c, language.value, mode)))
+
+    def _pool_for(self, request: ExecutionRequest) -> SandboxPool | None:
+        """The light pool for code that imports only the standard library, where the language
+        has one (SANDBOX_PYTHON_LIGHT), else the language's pool with the preloaded modules."""
+        light = self._pools.get((request.language, True))
+        if light is not None and self._light_codes.get((), request.code, imports_only_stdlib):
+            return light
+        return self._pools.get((request.language, False))
 
     def dedicated_spec(self, language: Language) -> SandboxSpec:
         """The spec of a sandbox held by one session (the pools' spec, with an outer wall of its own)."""
@@ -320,7 +348,7 @@ class Executor:
         request = with_proxy(request, rules)
         if (blocked := self.check_code(request.code, request.language)) is not None:
             return blocked
-        pool = self._pools.get(request.language)
+        pool = self._pool_for(request)
         if pool is None or self._closing:
             return runner_error(EXIT_INTERNAL, "internal_error", f"no {request.language.value} pool is running\n")
         give_back = pool.release

@@ -50,9 +50,11 @@ def until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.05)
 
 
-def python_pool(service: Service) -> dict[str, Any]:
+def python_pool(service: Service) -> dict[str, int]:
+    """The Python pools' counts, summed (the light pool and the preloaded one)."""
     pools = httpx.get(f"{service.url}/healthz", timeout=10).json()["pools"]
-    return next(p for p in pools if p["name"].startswith("python/"))
+    found = [p for p in pools if p["name"].startswith("python/")]
+    return {key: sum(p[key] for p in found) for key in ("ready", "leased", "waiting")}
 
 
 def quick_v1(client: httpx.Client, name: str) -> httpx.Response:

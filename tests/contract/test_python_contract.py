@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from execbox.models import RuntimeErrorType, Status
+from execbox.models import Language, RuntimeErrorType, Status
+from execbox.runtimes import get_runtime
+from execbox.service.specs import sandbox_spec
 
 if TYPE_CHECKING:
     from tests.conftest import SandboxRunner
@@ -248,3 +250,28 @@ def test_death_by_a_signal_is_a_runtime_error(executor: SandboxRunner, how: str)
     assert result.exit_code == -signum
     assert result.stdout == "before\n"
     executor.assert_still_works()
+
+
+def test_code_of_the_standard_library_runs_without_the_preloaded_modules(executor: SandboxRunner) -> None:
+    """SANDBOX_PYTHON_LIGHT: where sandboxes are forked from a fork server that imported
+    SANDBOX_PYTHON_PRELOAD, code of the standard library runs in a sandbox of the light pool,
+    whose fork server imported none of them; code that imports one of them (or a
+    third-party module, or imports at run time) runs where they are imported already.
+    Elsewhere (bwrap, single-use gVisor) a sandbox imports only what its code imports."""
+    preloaded = executor.settings.preload_modules
+    assert preloaded, "the suite's settings preload modules"
+    pools = sorted(s.name for s in executor.executor.pool_stats() if s.name.startswith("python/"))
+    preloads = executor.executor.backend.preloads(sandbox_spec(executor.settings, get_runtime(Language.PYTHON)))
+    assert pools == ([f"python/{executor.backend_name}", f"python/{executor.backend_name}/light"] if preloads else [f"python/{executor.backend_name}"])
+    probe = "def main():\n    return sorted(m for m in {names} if m in sys.modules)\n".format(names=list(preloaded))
+    light = executor.run("import sys\n" + probe)
+    assert light.status is Status.SUCCESS, executor.describe(light)
+    assert light.result is not None and light.result.value == []
+    for head, imported in (("import sys\nimport numpy\n", ["numpy"]), ("import sys, requests\n", []), ("import sys\n__import__('json')\n", [])):
+        heavy = executor.run(head + probe)
+        assert heavy.status is Status.SUCCESS, executor.describe(heavy)
+        assert heavy.result is not None and heavy.result.value == (sorted(preloaded) if preloads else imported), head
+    # a light sandbox still imports a third-party module reached at run time, at its usual cost
+    hidden = executor.run("import sys\ndef main():\n    m = getattr(sys.modules['builtins'], '__imp' + 'ort__')('numpy')\n    return int(m.arange(4).sum())\n")
+    assert hidden.status is Status.SUCCESS, executor.describe(hidden)
+    assert hidden.result is not None and hidden.result.value == 6

@@ -70,8 +70,10 @@ def pools(client: TestClient) -> list[dict[str, Any]]:
     return list(client.get("/healthz").json()["pools"])
 
 
-def python_pool(client: TestClient) -> dict[str, Any]:
-    return next(p for p in pools(client) if p["name"].startswith("python/"))
+def python_pool(client: TestClient) -> dict[str, int]:
+    """The Python pools' counts, summed (the light pool and the preloaded one)."""
+    found = [p for p in pools(client) if p["name"].startswith("python/")]
+    return {key: sum(p[key] for p in found) for key in ("ready", "leased", "waiting")}
 
 
 def metric(client: TestClient, name: str, **labels: str) -> float:
