@@ -330,6 +330,11 @@ class ForkServer:
         with self._state:
             self._exits.pop(pid, None)
 
+    def expect_exit(self) -> None:
+        """The zygote is about to be ended from outside (its gVisor sandbox killed): its
+        exit is no surprise, and not logged as one."""
+        self._closing = True
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the zygote; it SIGKILLs any child still running."""
         self._closing = True

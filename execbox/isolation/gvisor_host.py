@@ -232,6 +232,8 @@ class GVisorHost:
     def kill_sentry(self) -> None:
         """SIGKILL the gVisor sandbox (its host resources stay until ``close``)."""
         self.tainted = True
+        if self._server is not None:
+            self._server.expect_exit()
         if "sentry_pidfd" in self._fds:
             kill_pidfd(self._fds["sentry_pidfd"])
 
@@ -239,6 +241,8 @@ class GVisorHost:
         """Kill the gVisor sandbox and release everything it holds on the host; idempotent."""
         with self._lock:
             stack, self._stack = self._stack, contextlib.ExitStack()
+        if self._server is not None:
+            self._server.expect_exit()
         if "sentry_pidfd" in self._fds:
             kill_pidfd(self._fds["sentry_pidfd"])
         stack.close()

@@ -197,12 +197,14 @@ class Executor:
         await asyncio.gather(*(pool.close() for pool in self._pools.values()))
         self._run_threads.shutdown(wait=True)
         await asyncio.gather(*self._destroying)
-        self._build_threads.shutdown(wait=True)
+        # the backend before the build threads: a fork server dies with the thread that
+        # started it (its parent-death signal), which must not look like a crash
         self.packages.close()
         if self._packages_backend not in (None, self.backend):
             self._packages_backend.close()
         if self.backend is not None:
             self.backend.close()
+        self._build_threads.shutdown(wait=True)
         if self.egress is not None:
             self.egress.shutdown()
 

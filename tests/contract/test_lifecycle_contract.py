@@ -4,6 +4,7 @@ nothing left behind after many executions beyond the warm pool."""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import signal
 import subprocess
@@ -133,3 +134,17 @@ def test_nothing_is_left_after_many_executions_beyond_the_warm_pool(
             ).stdout.split()
             ours = [c for c in listed if c in ids]
             assert sorted(ours) == sorted(live), f"runsc containers beyond the warm pool: {sorted(set(ours) - live)}"
+
+
+def test_closing_the_executor_is_not_reported_as_a_crash(
+    sandbox_backend: IsolationBackend, start_executor: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An orderly shutdown ends every fork server (on the host and inside each gVisor
+    sandbox) without a warning that one of them exited: such a warning means a crash."""
+    with caplog.at_level(logging.WARNING, logger="execbox"):
+        with start_executor(sandbox_backend) as runner:
+            for code in ("def main():\n    return 1\n", "import numpy\ndef main():\n    return 1\n"):
+                result = runner.run(code)
+                assert result.status is Status.SUCCESS, runner.describe(result)
+    exits = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "exited" in r.getMessage()]
+    assert not exits, exits
