@@ -146,7 +146,7 @@ def summary_table(targets: list[dict[str, Any]]) -> str:
 
 def sandbox_table(costs: dict[str, Any]) -> str:
     header = (
-        f"{'backend':<12} {'runtime':<8} {'create ms':>9} {'CPU ms':>7} {'(host':>6} {'sandbox)':>8} "
+        f"{'backend':<12} {'runtime':<12} {'create ms':>9} {'CPU ms':>7} {'(host':>6} {'sandbox)':>8} "
         f"{'destroy ms':>10} {'idle PSS MiB':>12} {'dirty MiB':>9} {'cgroup MiB':>10}"
     )
     lines = [header, "-" * len(header)]
@@ -157,7 +157,7 @@ def sandbox_table(costs: dict[str, Any]) -> str:
             continue
         for language, s in per_language.items():
             if "error" in s:
-                lines.append(f"{backend:<12} {language:<8} failed: {s['error']}")
+                lines.append(f"{backend:<12} {language:<12} failed: {s['error']}")
                 continue
             cpu = s["cpu_breakdown_ms_median"]
             host = sum(v for k, v in cpu.items() if k != "sandbox_cgroup_ms" and v is not None)
@@ -168,7 +168,7 @@ def sandbox_table(costs: dict[str, Any]) -> str:
                 return "-" if value is None else f"{value / mib:.1f}"
 
             lines.append(
-                f"{backend:<12} {language:<8} {_fmt(s['wall_ms_median']):>9} {_fmt(s['cpu_ms_median']):>7} "
+                f"{backend:<12} {language:<12} {_fmt(s['wall_ms_median']):>9} {_fmt(s['cpu_ms_median']):>7} "
                 f"{_fmt(host):>6} {_fmt(cpu.get('sandbox_cgroup_ms')):>8} {_fmt(s['destroy_ms_median']):>10} "
                 f"{m('pss_bytes'):>12} {m('private_dirty_bytes'):>9} {m('cgroup_current_bytes'):>10}"
             )

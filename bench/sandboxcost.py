@@ -46,6 +46,7 @@ The first sandbox of each backend and runtime is created untimed (its figures ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import statistics
@@ -283,10 +284,15 @@ def measure_backends(
     except ImportError as exc:
         return {name: {"skipped": f"execbox is not importable here: {exc}"} for name in names}
     settings = Settings.load()
+    # each language, and for Python also its light sandboxes (SANDBOX_PYTHON_LIGHT: forked from
+    # a fork server without the preloads), where the backend forks them from a fork server
+    entries = [(language, language, False) for language in languages]
+    entries += [(f"{language}-light", language, True) for language in languages
+                if get_runtime(language).preload and settings.python_light and settings.preload_modules]
     results: dict[str, Any] = {}
     for name in names:
         per_language: dict[str, Any] = {}
-        for index, language in enumerate(languages):
+        for index, (key, language, light) in enumerate(entries):
             # a backend of its own per runtime, so that one runtime's helpers (a fork server)
             # are not counted as another's
             with tempfile.TemporaryDirectory(prefix=f"execbox-bench-{name}-") as state:
@@ -300,20 +306,25 @@ def measure_backends(
                     log(f"[sandbox cost] skipping backend {name}: {reason}")
                     per_language = {"skipped": reason}
                     break
+                spec = sandbox_spec(settings, get_runtime(language))
+                if light and not backend.preloads(spec):
+                    backend.close()
+                    continue  # one kind of sandbox serves all code there
+                if light:
+                    spec = dataclasses.replace(spec, preload_modules=())
                 try:
-                    per_language[language] = _measure_language(backend, sandbox_spec(settings, get_runtime(language)),
-                                                               repeats, settle_s)
+                    per_language[key] = _measure_language(backend, spec, repeats, settle_s)
                 except Exception as exc:
                     reason = f"{type(exc).__name__}: {exc}"
-                    log(f"[sandbox cost] {name}/{language} failed: {reason}")
-                    per_language[language] = {"error": reason}
+                    log(f"[sandbox cost] {name}/{key} failed: {reason}")
+                    per_language[key] = {"error": reason}
                     continue
                 finally:
                     with contextlib.suppress(Exception):
                         backend.close()
-            s = per_language[language]
+            s = per_language[key]
             log(
-                f"[sandbox cost] {name}/{language}: create {s['wall_ms_median']:.1f} ms wall, "
+                f"[sandbox cost] {name}/{key}: create {s['wall_ms_median']:.1f} ms wall, "
                 f"{s['cpu_ms_median']:.1f} ms CPU (first {s['first_create_wall_ms']:.0f} ms); idle PSS "
                 f"{(s['idle_memory_median'].get('pss_bytes') or 0) / 2**20:.1f} MiB, private dirty "
                 f"{(s['idle_memory_median'].get('private_dirty_bytes') or 0) / 2**20:.1f} MiB"
