@@ -267,7 +267,8 @@ class Settings(BaseSettings):
     )
     queue_max: int = Field(
         100, ge=0, le=100_000,
-        description="requests that may wait for a sandbox, per language; one more is refused at once "
+        description="requests that may wait for a sandbox, per pool (one per language, and Python's light pool); "
+        "one more is refused at once "
         "(-10 on /run, 503 on /v1); 0 = none waits",
     )
     api_keys_file: str = Field(
