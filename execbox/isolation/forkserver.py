@@ -29,13 +29,13 @@ from typing import Any
 
 from execbox.errors import SandboxError, SandboxStartError
 from execbox.isolation.hostproc import close_all, kill_pidfd, read_available
-from execbox.isolation.rootfs import Op, PlanStep, guest_plan
+from execbox.isolation.rootfs import Op, PlanStep, guest_plan, system_steps
 from execbox.isolation.seccomp import syscall_number
 from execbox.runtimes import WORKSPACE
 
 __all__ = [
-    "PROBE_PLAN", "VIEW_ZYGOTE", "ZYGOTE", "DriverExit", "ForkServer", "Launcher", "exit_pair", "host_view",
-    "zygote_launcher",
+    "VIEW_ZYGOTE", "ZYGOTE", "DriverExit", "ForkServer", "Launcher", "exit_pair", "host_view",
+    "probe_plan", "zygote_launcher",
 ]  # fmt: skip
 
 log = logging.getLogger("execbox.forkserver")
@@ -44,12 +44,12 @@ log = logging.getLogger("execbox.forkserver")
 ZYGOTE = Path(__file__).resolve().parent / "zygote.py"
 #: starts the zygote given the fd of its end of the socket; returns its process
 Launcher = Callable[[int], "subprocess.Popen[bytes]"]
-#: the file system of a start-up check's sandbox (see ``ForkServer.probe``; a merged-/usr root)
-PROBE_PLAN: list[PlanStep] = [
-    PlanStep.bind("/usr", "/usr"),
-    *(PlanStep(Op.SYMLINK, f"/{name}", f"usr/{name}") for name in ("bin", "lib", "lib64")),
-    PlanStep(Op.PROC, "/proc"), PlanStep(Op.DEV, "/dev"), PlanStep.tmpfs(WORKSPACE, 1 << 20),
-]  # fmt: skip
+
+
+def probe_plan() -> list[PlanStep]:
+    """The file system of a start-up check's sandbox (see ``ForkServer.probe``): the host's
+    programs, as every plan has them, a /proc, a /dev and a small workspace."""
+    return [*system_steps(), PlanStep(Op.PROC, "/proc"), PlanStep(Op.DEV, "/dev"), PlanStep.tmpfs(WORKSPACE, 1 << 20)]
 
 
 #: where a host zygote finds itself, and builds its sandboxes' roots, inside its view

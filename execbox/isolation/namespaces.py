@@ -39,10 +39,10 @@ from execbox.errors import BackendUnavailableError, SandboxError, SandboxStartEr
 from execbox.isolation.base import IsolationBackend, Sandbox, SandboxSpec
 from execbox.isolation.cgroups import Cgroup, CgroupManager
 from execbox.isolation.forkserver import (
-    PROBE_PLAN,
     ForkServer,
     exit_pair,
     host_view,
+    probe_plan,
     zygote_launcher,
 )
 from execbox.isolation.hostproc import (
@@ -266,7 +266,7 @@ class NamespacesBackend(IsolationBackend):
         """Have a fork server build one sandbox the way sandboxes are built (namespaces,
         mounts, cgroup, uid, rlimits, the seccomp filter), which runs /usr/bin/true; returns
         the zygote's PID-namespace mode ("setns" or "unshare")."""
-        view, plan = host_view(PROBE_PLAN, self._view_root(), SYSTEM_PYTHON)
+        view, plan = host_view(probe_plan(), self._view_root(), SYSTEM_PYTHON)
         server = ForkServer(
             zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=view["sandbox_root"], plan=plan,
             seccomp_bpf=self._filter(inet=False), env={}, loopback=False, preload="", driver=None,
