@@ -232,6 +232,10 @@ class GVisorHost:
     def kill_sentry(self) -> None:
         """SIGKILL the gVisor sandbox (its host resources stay until ``close``)."""
         self.tainted = True
+        self._end_sentry()
+
+    def _end_sentry(self) -> None:
+        """SIGKILL the sentry, its fork server told first (its exit is then no surprise)."""
         if self._server is not None:
             self._server.expect_exit()
         if "sentry_pidfd" in self._fds:
@@ -241,10 +245,7 @@ class GVisorHost:
         """Kill the gVisor sandbox and release everything it holds on the host; idempotent."""
         with self._lock:
             stack, self._stack = self._stack, contextlib.ExitStack()
-        if self._server is not None:
-            self._server.expect_exit()
-        if "sentry_pidfd" in self._fds:
-            kill_pidfd(self._fds["sentry_pidfd"])
+        self._end_sentry()
         stack.close()
 
     # -- executions -------------------------------------------------------------------

@@ -533,21 +533,36 @@ def _spawn_guest(config, request, fds, driver):
     return pid, init_pid
 
 
+def _proc_status(pid):
+    """/proc/<pid>/status with one read (open() adds an fstat, an ioctl and a seek; inside
+    gVisor each is a round trip to the sentry); b"" once the process is gone."""
+    try:
+        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, 1 << 16)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _status_field(status, name):
+    """The first number of the ``name:`` line of a /proc/<pid>/status text, or None."""
+    at = status.find(b"\n" + name + b":")
+    if at < 0:
+        return None
+    try:
+        return int(status[at + len(name) + 2:].split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
 def _uid_left(uid):
     """Whether any process of ``uid`` is still alive (zombies included)."""
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            fd = os.open(f"/proc/{name}/status", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                status = os.read(fd, 4096)  # Uid: is among the first lines
-            finally:
-                os.close(fd)
-        except OSError:
-            continue
-        at = status.find(b"\nUid:")
-        if at >= 0 and int(status[at + 5:].split()[0]) == uid:
+        if name.isdigit() and _status_field(_proc_status(name), b"Uid") == uid:
             return True
     return False
 
@@ -654,15 +669,11 @@ def _copy_artifacts(pid, export_dir, own_mnt):
 def _peak_kb(pid):
     """The peak resident memory of a live process in KiB (VmHWM; gVisor has only VmRSS, the
     resident memory now, a lower bound of the peak); 0 once it is gone."""
-    found = {}
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(("VmHWM:", "VmRSS:")):
-                    found[line[:5]] = int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return found.get("VmHWM", found.get("VmRSS", 0))
+    status = _proc_status(pid)
+    for name in (b"VmHWM", b"VmRSS"):
+        if (value := _status_field(status, name)) is not None:
+            return value
+    return 0
 
 
 def _report(sock, pid, status, usage):
