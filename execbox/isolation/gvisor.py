@@ -73,8 +73,7 @@ from execbox.isolation.oci import (
 )
 from execbox.isolation.owners import is_orphan, sandbox_name
 from execbox.isolation.rootfs import PlanStep, mount_plan, publish_etc, system_steps
-from execbox.isolation.seccomp import build_filter_fd
-from execbox.runtimes import RUNTIME_MOUNT
+from execbox.isolation.seccomp import filter_bpf
 
 __all__ = ["PIDS_BACKSTOP", "SENTRY_MEMORY_BYTES", "GVisorBackend", "GVisorSandbox"]
 
@@ -150,7 +149,6 @@ class GVisorBackend(IsolationBackend):
         self._cgroups = cgroups or CgroupManager(parent=f"{_CGROUP_PARENT}-{digest}")
         self._seccomp: dict[Path, dict[str, Any]] = {}
         self._layout: tuple[Path, Path] | None = None
-        self._filters: dict[bool, bytes] = {}
         self._free: dict[int, list[GVisorHost]] = {}
         self._hosts: set[GVisorHost] = set()
         self._idle_timer: threading.Timer | None = None
@@ -359,16 +357,7 @@ class GVisorBackend(IsolationBackend):
             candidate.close()
         if host is None:
             _, etc = self._layout_paths()
-            with self._lock:
-                inet = spec.egress is not None
-                if inet not in self._filters:
-                    fd = build_filter_fd(inet)
-                    try:
-                        self._filters[inet] = os.read(fd, 1 << 20)
-                    finally:
-                        os.close(fd)
-            bpf = self._filters[inet]
-            host = GVisorHost(self._host_layout(), spec, mount_plan(spec, etc), bpf)
+            host = GVisorHost(self._host_layout(), spec, mount_plan(spec, etc), filter_bpf(spec.egress is not None))
             host.start()
             with self._lock:
                 self._hosts.add(host)

@@ -60,7 +60,7 @@ from execbox.isolation.memwatch import (
 from execbox.isolation.owners import sandbox_name
 from execbox.isolation.protocol import FrameReader
 from execbox.isolation.rootfs import Op, PlanStep, egress_step, mount_plan, publish_etc
-from execbox.isolation.seccomp import build_filter_fd
+from execbox.isolation.seccomp import filter_bpf
 from execbox.isolation.supervise import SupervisedSandbox, await_ready
 from execbox.isolation.uids import UID_LOCK_DIR, UidAllocator
 from execbox.models import Limits
@@ -209,7 +209,6 @@ class NamespacesBackend(IsolationBackend):
         self._uids = UidAllocator(uid_base, uid_count, UID_LOCK_DIR)
         self._uid_range = (uid_base, uid_count)
         self._cgroups = cgroups or CgroupManager()
-        self._filters: dict[bool, bytes] = {}
         self._pid_namespaces = ""
         self._watch_memory = not cgroups_enforce_memory(self._cgroups)
         self._etc_dir: Path | None = None
@@ -221,7 +220,7 @@ class NamespacesBackend(IsolationBackend):
         if os.geteuid() != 0:
             raise BackendUnavailableError("the namespaces backend needs root (cgroups, per-sandbox uids)")
         self._cgroups.check()
-        self._filter(inet=False)
+        filter_bpf(inet=False)
         if self._use_forkserver:
             self._pid_namespaces = self._probe_forkserver()
             return
@@ -269,7 +268,7 @@ class NamespacesBackend(IsolationBackend):
         view, plan = host_view(probe_plan(), self._view_root(), SYSTEM_PYTHON)
         server = ForkServer(
             zygote_launcher(Path(SYSTEM_PYTHON), {}), root_dir=view["sandbox_root"], plan=plan,
-            seccomp_bpf=self._filter(inet=False), env={}, loopback=False, preload="", driver=None,
+            seccomp_bpf=filter_bpf(inet=False), env={}, loopback=False, preload="", driver=None,
             exec_argv=["/usr/bin/true"], view=view,
         )  # fmt: skip
         with contextlib.ExitStack() as stack:
@@ -287,16 +286,6 @@ class NamespacesBackend(IsolationBackend):
         if failed:
             raise BackendUnavailableError(f"the fork server cannot build a sandbox: {failed}")
         return server.pid_namespaces
-
-    def _filter(self, inet: bool) -> bytes:
-        with self._lock:
-            if inet not in self._filters:
-                fd = build_filter_fd(inet)
-                try:
-                    self._filters[inet] = os.read(fd, 1 << 20)
-                finally:
-                    os.close(fd)
-            return self._filters[inet]
 
     def _view_root(self) -> Path:
         """The host directory each zygote mounts its view on, in its own mount namespace
@@ -417,7 +406,7 @@ class NamespacesBackend(IsolationBackend):
                 zygote_launcher(interpreter, spec.env),
                 root_dir=view["sandbox_root"],
                 plan=plan,
-                seccomp_bpf=self._filter(spec.egress is not None),
+                seccomp_bpf=filter_bpf(spec.egress is not None),
                 env=spec.env,
                 loopback=spec.egress is not None,
                 preload=",".join(spec.preload_modules),
@@ -503,7 +492,7 @@ class NamespacesBackend(IsolationBackend):
             fds["info"], fds["info_w"] = os.pipe()  # bwrap tells the init's pid
             fds["block_r"], fds["block"] = os.pipe()  # bwrap waits until it is in its cgroup
             fds["seccomp"] = os.memfd_create("execbox-seccomp")
-            os.write(fds["seccomp"], self._filter(spec.egress is not None))
+            os.write(fds["seccomp"], filter_bpf(spec.egress is not None))
             os.lseek(fds["seccomp"], 0, os.SEEK_SET)
             argv = self._bwrap_argv(spec, fds, uid, extra)
             try:

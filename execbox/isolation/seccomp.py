@@ -26,13 +26,13 @@ backend's start-up check loads it for real.
 from __future__ import annotations
 
 import errno
-import os
+import functools
 import socket
 import tempfile
 
 from execbox.errors import BackendUnavailableError
 
-__all__ = ["KILLED_SYSCALLS", "NAMESPACE_CLONE_FLAGS", "build_filter_fd", "syscall_number"]
+__all__ = ["KILLED_SYSCALLS", "NAMESPACE_CLONE_FLAGS", "filter_bpf", "syscall_number"]
 
 KILLED_SYSCALLS: tuple[str, ...] = (
     "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
@@ -77,9 +77,10 @@ def _refuse_families(flt: object, inet: bool) -> None:
         flt.add_rule(refused, name, sc.Arg(0, sc.GT, socket.AF_INET6))  # type: ignore[attr-defined]
 
 
-def build_filter_fd(inet: bool) -> int:
-    """Compile the filter to BPF and return a readable fd positioned at its start; ``inet``
-    also allows AF_INET and AF_INET6 sockets (egress)."""
+@functools.cache
+def filter_bpf(inet: bool) -> bytes:
+    """The filter compiled to BPF (once per process: it depends only on ``inet`` and the
+    host); ``inet`` also allows AF_INET and AF_INET6 sockets (egress)."""
     try:
         import pyseccomp as sc
 
@@ -96,15 +97,12 @@ def build_filter_fd(inet: bool) -> int:
         for name in _ENOSYS_SYSCALLS:
             flt.add_rule(sc.ERRNO(errno.ENOSYS), name)
         _refuse_families(flt, inet)
-        handle = tempfile.TemporaryFile()
-        flt.export_bpf(handle)
+        with tempfile.TemporaryFile() as handle:  # libseccomp exports to a file descriptor
+            flt.export_bpf(handle)
+            handle.seek(0)
+            return handle.read()
     except (ImportError, OSError, RuntimeError, ValueError) as exc:
         raise BackendUnavailableError(
             f"cannot build the seccomp filter ({exc}); install libseccomp2 (apt-get install libseccomp2) "
             "and the pyseccomp package"
         ) from exc
-    handle.flush()
-    fd = os.dup(handle.fileno())
-    handle.close()
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
