@@ -33,6 +33,8 @@ class HangingSandbox(Sandbox):
     """Not a sandbox: its "program" prints one line, then waits until it is aborted (tests only)."""
 
     backend_name = "hanging-nonisolating-test-backend"
+    #: the sandboxes whose program started, and those that were aborted
+    started: ClassVar[list[str]] = []
     aborted: ClassVar[list[str]] = []
 
     def __init__(self, spec: SandboxSpec, sandbox_id: str) -> None:
@@ -40,6 +42,7 @@ class HangingSandbox(Sandbox):
         self._stop = threading.Event()
 
     def run(self, request: ExecutionRequest, limits: Limits, on_output: OutputSink | None = None) -> RunOutcome:
+        HangingSandbox.started.append(self.id)
         if on_output is not None:
             on_output("stdout", b"started\n")
         self._stop.wait(limits.wall_time_s)
@@ -105,13 +108,16 @@ def test_a_client_going_away_stops_the_program(tmp_path: Path, path: str) -> Non
     executor = Executor(settings, backend=HangingBackend(), pool_size=1)
     app = create_app(settings, executor)
     body: dict[str, Any] = {"code_b64": "eA=="} if path == "/run" else {"code": "x"}
+    HangingSandbox.started.clear()
     HangingSandbox.aborted.clear()
 
     async def scenario() -> None:
         async with app.router.lifespan_context(app):
             gone = asyncio.Event()
             call = asyncio.ensure_future(_call(app, path, body, gone))
-            while not sum(s.leased for s in executor.pool_stats()):  # the program runs
+            # the program runs (a leased sandbox is not enough: a request cancelled while its
+            # lease is being handed over gives the sandbox back unused, with nothing to abort)
+            while not HangingSandbox.started:
                 await asyncio.sleep(0.01)
             gone.set()
             await asyncio.wait_for(call, 30)  # far below the 60 s limit: the disconnect ended it
