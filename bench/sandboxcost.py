@@ -46,7 +46,6 @@ The first sandbox of each backend and runtime is created untimed (its figures ar
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import resource
 import statistics
@@ -311,7 +310,7 @@ def measure_backends(
                     backend.close()
                     continue  # one kind of sandbox serves all code there
                 if light:
-                    spec = dataclasses.replace(spec, preload_modules=())
+                    spec = spec.without_preloads()
                 try:
                     per_language[key] = _measure_language(backend, spec, repeats, settle_s)
                 except Exception as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -97,6 +97,17 @@ class SandboxSpec:
     #: an outer wall between executions (gVisor two walls) gives it an outer wall of its own,
     #: and its workspace must be reachable from the host while it lives (files API)
     dedicated: bool = False
+
+    @property
+    def forks_preloaded(self) -> bool:
+        """Whether a fork server would import something for these sandboxes: the driver runs
+        in the forked process and there are modules to preload (a backend's ``preloads``
+        adds whether it forks them from one)."""
+        return self.runtime.driver_in_process and bool(self.preload_modules)
+
+    def without_preloads(self) -> SandboxSpec:
+        """The same sandboxes with nothing preloaded: the light pool's (SANDBOX_PYTHON_LIGHT)."""
+        return replace(self, preload_modules=())
 
 
 @dataclass(frozen=True)

@@ -314,10 +314,7 @@ class GVisorBackend(IsolationBackend):
 
     def preloads(self, spec: SandboxSpec) -> bool:
         """Two walls: the fork server inside each long-lived gVisor sandbox imports them."""
-        return (
-            self.mode == "two-walls" and not spec.dedicated and spec.runtime.driver_in_process
-            and bool(spec.preload_modules)
-        )  # fmt: skip
+        return self.mode == "two-walls" and not spec.dedicated and spec.forks_preloaded
 
     def create(self, spec: SandboxSpec) -> Sandbox:
         if not spec.runtime_env_dir.is_dir():

@@ -340,7 +340,7 @@ class NamespacesBackend(IsolationBackend):
         return self._create_bwrap(spec)
 
     def preloads(self, spec: SandboxSpec) -> bool:
-        return self._use_forkserver and spec.runtime.driver_in_process and bool(spec.preload_modules)
+        return self._use_forkserver and spec.forks_preloaded
 
     def _spec_key(self, spec: SandboxSpec) -> str:
         key = self._spec_keys.get(id(spec))

@@ -61,6 +61,7 @@ zygote -> host: ``{"op": "spawned", "id", "pid", "init"}`` /
 """
 
 import base64
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -566,12 +567,19 @@ def _proc_view(own_mnt):
         raise
 
 
-def _enter_proc_view(pid):
-    """Enter the proc view of the sandbox whose driver is ``pid`` (unshare mode; in setns
-    mode there is none and /proc is this process's own). The caller goes back."""
+@contextlib.contextmanager
+def _in_proc_view(pid, own_mnt):
+    """The block runs in the proc view of the sandbox whose driver is ``pid``, then this
+    process is back in ``own_mnt`` (in setns mode there is none: /proc is its own)."""
     view = _PROC_VIEWS.get(pid)
-    if view is not None:
-        _setns(view, "mnt")
+    if view is None:
+        yield
+        return
+    _setns(view, "mnt")
+    try:
+        yield
+    finally:
+        _setns(own_mnt, "mnt")
 
 
 def _proc_status(pid):
@@ -633,15 +641,14 @@ def _kill_guest(config, request, sock, children, inits, own_mnt):
                 break
             time.sleep(0.001)
     confirmed = True
-    _enter_proc_view(driver)
     try:
-        while _uid_left(int(request["uid"])):
-            if time.monotonic() >= deadline:
-                confirmed = False
-                break
-            time.sleep(0.002)
+        with _in_proc_view(driver, own_mnt):
+            while _uid_left(int(request["uid"])):
+                if time.monotonic() >= deadline:
+                    confirmed = False
+                    break
+                time.sleep(0.002)
     finally:
-        _setns(own_mnt, "mnt")
         view = _PROC_VIEWS.pop(driver, None)
         if view is not None:
             os.close(view)
@@ -857,12 +864,9 @@ def main():
                     _send(sock, {"op": "killed", "id": request["id"], "confirmed": confirmed})
                 elif op == "collect":
                     pid = int(request["pid"])
-                    _enter_proc_view(pid)
-                    try:
+                    with _in_proc_view(pid, own_ns["mnt"]):
                         hwm_kb = _peak_kb(pid)
                         count = _copy_artifacts(pid, config["export_fd"], own_ns["mnt"])
-                    finally:
-                        _setns(own_ns["mnt"], "mnt")
                     _send(sock, {"op": "collected", "id": request["id"], "count": count, "hwm_kb": hwm_kb})
                 else:
                     raise OSError(f"unknown op {op!r}")

@@ -171,7 +171,7 @@ class Executor:
             spec = sandbox_spec(self.settings, get_runtime(language), self.egress)
             kinds = [(False, spec, "")]
             if self.settings.python_light and self.backend.preloads(spec):
-                kinds.append((True, dataclasses.replace(spec, preload_modules=()), "/light"))
+                kinds.append((True, spec.without_preloads(), "/light"))
             for light, kind_spec, suffix in kinds:
                 pool = SandboxPool(
                     f"{language.value}/{self.backend.name}{suffix}",
